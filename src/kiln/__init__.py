@@ -1,0 +1,3 @@
+"""Kiln: reproducible, resumable, memory-bounded training."""
+
+__version__ = "0.1.0"

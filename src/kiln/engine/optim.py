@@ -1,0 +1,62 @@
+"""Optimizers, the learning-rate schedule, and the explicit L2/L1 objective terms."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from torch import nn
+
+from kiln.config import OptimizerSection, ScheduleSection
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Optimizer:
+    """AdamW (default) or SGD with momentum; weight decay applies to matrices only.
+
+    Biases, LayerNorm gains and other vectors are not decayed: shrinking them towards zero
+    fights normalisation rather than regularising capacity.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_factor(step: int, *, cfg: ScheduleSection, max_steps: int) -> float:
+    """Multiplier of the peak lr at ``step`` (0-based): linear warmup, then the chosen decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.name == "constant":
+        return 1.0
+    decay_steps = max(1, max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleSection, max_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over ``lr_factor``; its state (step count, base lrs) goes into checkpoints."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, cfg=cfg, max_steps=max_steps)
+    )
+
+
+def regularization_terms(model: nn.Module, cfg: OptimizerSection) -> dict[str, torch.Tensor]:
+    """lambda_W * ||theta||^2 and lambda_sparse * ||theta||_1 over all trainable parameters.
+
+    Only the terms whose coefficient is non-zero are computed, so the default costs nothing.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.l2:
+        terms["l2"] = cfg.l2 * sum(p.float().pow(2).sum() for p in params)
+    if cfg.l1:
+        terms["l1"] = cfg.l1 * sum(p.float().abs().sum() for p in params)
+    return terms

@@ -1,0 +1,325 @@
+"""The one training loop.
+
+Each step, in this order: forward, loss, backward (per micro-batch), gradient clipping,
+optimizer step, zero grads, log; then, when due, evaluate and checkpoint. Everything that
+affects future results is in the checkpoint, so a resumed run continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kiln.checkpoint import apply_retention, load_latest_valid, save_checkpoint
+from kiln.config import Config
+from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
+from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
+from kiln.engine.optim import build_optimizer, build_scheduler, regularization_terms
+from kiln.engine.precision import autocast, build_scaler
+from kiln.engine.progress import ProgressDisplay
+from kiln.errors import KilnError
+from kiln.repro import capture_rng_state, restore_rng_state
+from kiln.run import Run
+
+
+class OutOfMemoryExit(KilnError):
+    """Out of memory at micro-batch 1 (or with retries off): the run checkpointed and stopped."""
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries besides the components' own state."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    micro_batch_size: int = 0
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    last_val: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    components: dict[str, float]
+    grad_norm: float
+
+
+class Trainer:
+    """Trains a job under a config, writing into a run directory."""
+
+    def __init__(self, config: Config, job: TrainableJob, run: Run, device: torch.device) -> None:
+        self.cfg = config
+        self.job = job
+        self.run = run
+        self.device = device
+        self.model = job.model.to(device)
+        self.optimizer = build_optimizer(self.model, config.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, config.schedule, config.training.max_steps)
+        self.scaler = build_scaler(config.precision, device)
+        self.progress = Progress(micro_batch_size=config.training.micro_batch_size)
+        self.spikes = SpikeDetector(config.logging.memory_spike_ratio)
+        self._stop_signal: int | None = None
+        self._last_checkpoint_time = time.monotonic()
+        self._saved_step: int | None = None
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self, loader_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
+        """The union of every component's state: exactly what a checkpoint holds."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "loader": loader_state,
+            "progress": self.progress.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.job.batches.load_state_dict(state["loader"])
+        self.progress.load_state_dict(state["progress"])
+        restore_rng_state(state["rng"])
+
+    def resume_from_checkpoint(self) -> bool:
+        """Load the latest valid checkpoint, if any; True if one was loaded."""
+        found = load_latest_valid(self.run.checkpoints, warn=self.run.log)
+        if found is None:
+            return False
+        info, state = found
+        self.load_state_dict(state)
+        self.run.truncate_metrics_after(self.progress.step)
+        self.run.log(f"resumed from {info.path.name} (step {self.progress.step})")
+        return True
+
+    def save(self, loader_state: dict[str, Any] | None = None, rng: dict | None = None) -> None:
+        """Checkpoint now; defaults capture the state at the current step boundary."""
+        step = self.progress.step
+        val = self.progress.last_val if self.progress.last_val.get("step") == step else {}
+        meta = {
+            "step": step,
+            "tokens_seen": self.progress.tokens_seen,
+            "val_loss": val.get("val_loss"),
+            "config_fingerprint": self.cfg.fingerprint(),
+        }
+        state = self.state_dict(
+            loader_state if loader_state is not None else self.job.batches.state_dict(),
+            rng if rng is not None else capture_rng_state(),
+        )
+        path = save_checkpoint(self.run.checkpoints, step, state, meta)
+        protect = {self.progress.best_step} if self.cfg.checkpoint.keep_best else set()
+        apply_retention(self.run.checkpoints, self.cfg.checkpoint.keep_last, protect - {None})
+        self._last_checkpoint_time = time.monotonic()
+        self._saved_step = step
+        self.run.log(f"checkpoint {path.name}")
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> Progress:
+        """Train to ``max_steps``, or until a signal asks to stop. Returns the final counters."""
+        cfg = self.cfg
+        previous_handlers = self._install_signal_handlers()
+        display = ProgressDisplay(cfg.training.max_steps, self.progress.step, cfg.logging.progress)
+        started = time.monotonic() - self.progress.wall_time
+        try:
+            with display:
+                while self.progress.step < cfg.training.max_steps:
+                    if self._stop_signal is not None:
+                        self.progress.wall_time = time.monotonic() - started
+                        self.save()
+                        self.run.set_status("interrupted")
+                        self.run.log(f"stopped by signal {self._stop_signal}; resume to continue")
+                        return self.progress
+
+                    loader_state, rng = self.job.batches.state_dict(), capture_rng_state()
+                    batch = self.job.batches.next_batch()
+                    t0 = time.perf_counter()
+                    result = self._step_with_oom_retry(batch, loader_state, rng)
+                    elapsed = time.perf_counter() - t0
+                    self.progress.step += 1
+                    tokens = self.job.tokens_in(batch)
+                    self.progress.tokens_seen += tokens
+                    self.progress.wall_time = time.monotonic() - started
+
+                    step = self.progress.step
+                    display.update(step, result.loss, tokens / elapsed)
+                    if step % cfg.logging.every_steps == 0 or step == cfg.training.max_steps:
+                        self._log_step(result, tokens / elapsed, echo=not display.active)
+                    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                        self.evaluate()
+                    if self._checkpoint_due(step):
+                        self.save()
+            if self.progress.last_val.get("step") != self.progress.step:
+                self.evaluate()
+            if self._saved_step != self.progress.step:
+                self.save()
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+        self.run.set_status("completed")
+        return self.progress
+
+    def _step_with_oom_retry(
+        self, batch: Any, loader_state: dict[str, Any], rng: dict[str, Any]
+    ) -> StepResult:
+        """One optimizer step; on out-of-memory halve the micro-batch and redo the step.
+
+        The effective batch is unchanged (micro-batch losses are weighted by their share of
+        the step's samples), so the math is the same. At micro-batch 1 the run checkpoints
+        the state from before this step and stops.
+        """
+        while True:
+            try:
+                return self._train_step(batch)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                micro = self.progress.micro_batch_size
+                self.run.log(
+                    f"out of memory at step {self.progress.step + 1} with micro-batch {micro}: "
+                    f"{memory_report(self.device)}"
+                )
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if micro == 1 or not self.cfg.training.oom_retry:
+                    self.save(loader_state, rng)
+                    self.run.set_status("failed")
+                    raise OutOfMemoryExit(
+                        f"out of memory even at micro-batch {micro}; the state before step "
+                        f"{self.progress.step + 1} is checkpointed in {self.run.checkpoints}. "
+                        "Reduce model.d_model/n_layers or data.seq_len, or use bf16, then "
+                        "start a new run."
+                    ) from None
+                self.progress.micro_batch_size = micro // 2
+                micro_batches = math.ceil(batch_size(batch) / self.progress.micro_batch_size)
+                self.run.log(
+                    f"retrying step {self.progress.step + 1} with micro-batch "
+                    f"{self.progress.micro_batch_size} x {micro_batches} accumulation"
+                )
+                restore_rng_state(rng)
+
+    def _train_step(self, batch: Any) -> StepResult:
+        """forward, loss, backward for each micro-batch; clip; step; zero grads."""
+        total = batch_size(batch)
+        # Detached running sums: one host sync per step instead of one per micro-batch.
+        sums: dict[str, torch.Tensor] = {}
+        for micro in split_batch(batch, self.progress.micro_batch_size):
+            micro = batch_to(micro, self.device)
+            weight = batch_size(micro) / total
+            with autocast(self.cfg.precision, self.device):
+                loss, parts = self.job.loss(self.model, micro)
+            self.scaler.scale(loss * weight).backward()
+            for name, value in {"loss": loss, **parts}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
+
+        # The explicit objective terms depend on the weights only: added once per step.
+        terms = regularization_terms(self.model, self.cfg.optimizer)
+        if terms:
+            regularizer = sum(terms.values())
+            self.scaler.scale(regularizer).backward()
+            sums["loss"] = sums["loss"] + regularizer.detach()
+            sums.update({name: value.detach() for name, value in terms.items()})
+
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.training.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        values = {name: value.item() for name, value in sums.items()}
+        return StepResult(values.pop("loss"), values, float(grad_norm))
+
+    # ------------------------------------------------------------------ periodic work
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics at the current step; tracks the best validation loss."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast(self.cfg.precision, self.device):
+                metrics = self.job.evaluate(self.model)
+        finally:
+            self.model.train()
+        step = self.progress.step
+        self.progress.last_val = {"step": step, **metrics}
+        best = self.progress.best_val_loss
+        if best is None or metrics["val_loss"] < best:
+            self.progress.best_val_loss = metrics["val_loss"]
+            self.progress.best_step = step
+        self.run.write_metrics({"step": step, "event": "eval", **metrics})
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self.run.log(f"eval step {step}: {shown}")
+        return metrics
+
+    def _checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        if every and step % every == 0:
+            return True
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
+
+    def _log_step(self, result: StepResult, tokens_per_sec: float, *, echo: bool) -> None:
+        in_use = memory_in_use(self.device)
+        step = self.progress.step
+        row = {
+            "step": step,
+            "loss": result.loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_sec": tokens_per_sec,
+            "grad_norm": result.grad_norm,
+            "memory_bytes": in_use,
+            "tokens_seen": self.progress.tokens_seen,
+            "micro_batch_size": self.progress.micro_batch_size,
+            **{f"loss_{name}": value for name, value in result.components.items()},
+        }
+        if self.scaler.is_enabled():
+            row["loss_scale"] = self.scaler.get_scale()
+        self.run.write_metrics(row)
+        if self.spikes.observe(in_use):
+            self.run.log(
+                f"memory spike at step {step}: {in_use / 2**20:.0f} MiB in use, above "
+                f"{self.spikes.ratio}x the earlier peak"
+            )
+        line = (
+            f"step {step}/{self.cfg.training.max_steps} loss {result.loss:.4f} "
+            f"lr {row['lr']:.3g} grad_norm {result.grad_norm:.3g} {tokens_per_sec:,.0f} tok/s"
+        )
+        self.run.log(line, echo=echo)
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Outside the main thread signal() raises ValueError: the caller owns signals.
+            with contextlib.suppress(ValueError):
+                previous[sig] = signal.signal(sig, request_stop)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

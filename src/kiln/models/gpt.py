@@ -1,0 +1,149 @@
+"""A GPT decoder: pre-LayerNorm blocks, causal self-attention, dropout, tied embeddings.
+
+Shapes in comments: B batch, T sequence, C d_model, H heads, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    """Model sizes; built from the ``model`` config section plus vocabulary and context."""
+
+    vocab_size: int
+    context: int
+    n_layers: int
+    n_heads: int
+    d_model: int
+    mlp_ratio: int
+    dropout: float
+    bias: bool
+    layernorm_eps: float
+    init_std: float
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        self.n_heads = shape.n_heads
+        self.dropout = shape.dropout
+        self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model, bias=shape.bias)
+        self.proj = nn.Linear(shape.d_model, shape.d_model, bias=shape.bias)
+        self.resid_drop = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)  # 3 x (B, T, C)
+        # (B, T, C) -> (B, H, T, C/H)
+        head = c // self.n_heads
+        q, k, v = (z.view(b, t, self.n_heads, head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, C/H)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        hidden = shape.mlp_ratio * shape.d_model
+        self.up = nn.Linear(shape.d_model, hidden, bias=shape.bias)
+        self.down = nn.Linear(hidden, shape.d_model, bias=shape.bias)
+        self.drop = nn.Dropout(shape.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """x + attn(ln(x)), then x + mlp(ln(x)): the skip path carries the gradient straight through."""
+
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(shape.d_model, eps=shape.layernorm_eps, bias=shape.bias)
+        self.attn = CausalSelfAttention(shape)
+        self.ln2 = nn.LayerNorm(shape.d_model, eps=shape.layernorm_eps, bias=shape.bias)
+        self.mlp = MLP(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Token and position embeddings, N blocks, final LayerNorm, head tied to the embedding."""
+
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.tok_emb = nn.Embedding(shape.vocab_size, shape.d_model)
+        self.pos_emb = nn.Embedding(shape.context, shape.d_model)
+        self.drop = nn.Dropout(shape.dropout)
+        self.blocks = nn.ModuleList(Block(shape) for _ in range(shape.n_layers))
+        self.ln_f = nn.LayerNorm(shape.d_model, eps=shape.layernorm_eps, bias=shape.bias)
+        self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Residual projections are scaled down by depth so the stream's variance stays bounded.
+        resid_std = self.shape.init_std / math.sqrt(2 * self.shape.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = resid_std if name.endswith(("attn.proj", "mlp.down")) else self.shape.init_std
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.shape.init_std)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V)."""
+        _, t = idx.shape
+        if t > self.shape.context:
+            raise ValueError(f"sequence of {t} tokens exceeds the context of {self.shape.context}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, counting the tied embedding once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float,
+        top_k: int,
+        generator: torch.Generator | None = None,
+        stop_token: int | None = None,
+    ) -> torch.Tensor:
+        """Extend ``idx`` (1, T) by sampling; greedy when temperature is 0."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.shape.context :])[:, -1, :].float()  # (1, V)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            if stop_token is not None and int(nxt) == stop_token:
+                break
+        return idx

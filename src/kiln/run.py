@@ -1,0 +1,178 @@
+"""The run directory: id, status, human log, metrics stream and summary.
+
+    experiments/<run_id>/
+      config_snapshot.yaml   the full resolved config
+      status                 running | completed | failed | interrupted
+      train.log              human-readable log
+      metrics.jsonl          one JSON object per logged step
+      metrics.json           summary: final and best values, steps, tokens, wall time
+      checkpoints/           see kiln.checkpoint
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from kiln.config import Config, validate_config
+from kiln.errors import RunError
+from kiln.fsio import atomic_write
+
+Status = Literal["running", "completed", "failed", "interrupted"]
+SNAPSHOT = "config_snapshot.yaml"
+
+
+def new_run_id(config: Config) -> str:
+    """UTC timestamp + short hash of the config, the clock and fresh randomness."""
+    now = dt.datetime.now(dt.timezone.utc)
+    salt = f"{config.fingerprint()}{now.isoformat()}{os.getpid()}{secrets.token_hex(8)}"
+    run_id = f"{now:%Y%m%dT%H%M%SZ}-{hashlib.sha256(salt.encode()).hexdigest()[:6]}"
+    return f"{run_id}-{config.run.name}" if config.run.name else run_id
+
+
+class Run:
+    """One run directory and its sinks. Create with ``Run.create`` or reopen with ``Run.open``."""
+
+    def __init__(self, path: Path, config: Config, *, echo: bool = True) -> None:
+        self.path = path
+        self.config = config
+        self.echo = echo
+        self.checkpoints = path / "checkpoints"
+        self._log = open(path / "train.log", "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics = open(path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def create(cls, config: Config, *, echo: bool = True) -> Run:
+        """Make a fresh run directory (never reusing an existing one) and snapshot the config."""
+        root = Path(config.run.root).expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = root / new_run_id(config)
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                continue
+        (path / "checkpoints").mkdir()
+        atomic_write(path / SNAPSHOT, config.to_yaml())
+        run = cls(path, config, echo=echo)
+        run.set_status("running")
+        return run
+
+    @classmethod
+    def open(cls, path: Path, *, echo: bool = True) -> Run:
+        """Reopen an existing run from its snapshot."""
+        path = Path(path).expanduser()
+        snapshot = path / SNAPSHOT
+        if not snapshot.is_file():
+            raise RunError(
+                f"{path} is not a kiln run directory: {SNAPSHOT} is missing "
+                "(pass the folder that `kiln train` printed, e.g. experiments/<run_id>)"
+            )
+        try:
+            raw = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise RunError(f"{snapshot} is not valid YAML: {exc}") from None
+        return cls(path, validate_config(raw or {}), echo=echo)
+
+    def status(self) -> str:
+        """The status word, or 'unknown' if the file is missing."""
+        try:
+            return (self.path / "status").read_text(encoding="utf-8").strip()
+        except OSError:
+            return "unknown"
+
+    def set_status(self, status: Status) -> None:
+        atomic_write(self.path / "status", status + "\n")
+
+    def log(self, message: str, *, echo: bool = True) -> None:
+        """A timestamped line in train.log, echoed to stderr unless ``echo`` is False."""
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        self._log.write(f"{stamp} {message}\n")
+        self._log.flush()
+        if self.echo and echo:
+            print(message, file=sys.stderr, flush=True)
+
+    def write_metrics(self, row: dict[str, Any]) -> None:
+        """Append one JSON object to metrics.jsonl."""
+        self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def truncate_metrics_after(self, step: int) -> None:
+        """Drop rows logged after ``step``: on resume those steps are trained again.
+
+        A crash can also leave a torn last line; it is dropped too.
+        """
+        self._metrics.close()
+        kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
+        atomic_write(
+            self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        )
+        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / "metrics.json", json.dumps(summary, indent=2, sort_keys=True))
+
+    def close(self) -> None:
+        self._log.close()
+        self._metrics.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl; a torn or malformed line (from a crash) is skipped."""
+    rows = []
+    try:
+        lines = (path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """metrics.json, or {} if the run has not written one yet."""
+    try:
+        return json.loads((path / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """One row per run under ``root``: id, job, status, step, last loss, val perplexity."""
+    rows = []
+    if not root.is_dir():
+        return rows
+    for path in sorted(p for p in root.iterdir() if (p / SNAPSHOT).is_file()):
+        try:
+            job = yaml.safe_load((path / SNAPSHOT).read_text(encoding="utf-8")).get("job", "?")
+        except (OSError, yaml.YAMLError, AttributeError):
+            job = "?"
+        summary = read_summary(path)
+        status = (path / "status").read_text().strip() if (path / "status").exists() else "?"
+        rows.append(
+            {
+                "id": path.name,
+                "job": job,
+                "status": status,
+                "step": summary.get("step"),
+                "loss": summary.get("final_loss"),
+                "val_ppl": summary.get("final_val_ppl"),
+            }
+        )
+    return rows

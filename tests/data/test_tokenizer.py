@@ -1,0 +1,110 @@
+"""Byte-level BPE: exact round trips, fixed special ids, deterministic training, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln.data.tokenizer import (
+    EOT,
+    FIM_MIDDLE,
+    FIM_PREFIX,
+    FIM_SUFFIX,
+    PAD,
+    SPECIAL_TOKENS,
+    KilnTokenizer,
+    train_tokenizer,
+)
+from kiln.errors import DataError
+
+
+def _texts(n: int = 60) -> list[str]:
+    return [
+        f"def function_{i}(value, other={i}):\n"
+        f'    """Return the sum of value and {i}."""\n'
+        f"    result = value + other * {i % 7}\n"
+        f"    if result > {i}:\n        return result\n    return None\n"
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tok() -> KilnTokenizer:
+    return train_tokenizer(_texts(), vocab_size=400, min_frequency=2)
+
+
+TRICKY = [
+    "",
+    " ",
+    "\t\n\r\n  \n",
+    "  leading and trailing  ",
+    "héllo wörld 日本語 😀 \u200b e\u0301",
+    "\x00\x01\x7f\ufeff",
+    "def f(x):\n\treturn x  # tab\n",
+    f"literal {EOT} and {PAD} inside text",
+]
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip(tok: KilnTokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_round_trip_any_text(tok: KilnTokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens(tok: KilnTokenizer) -> None:
+    assert SPECIAL_TOKENS == (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
+    assert [tok.token_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert (tok.eot_id, tok.pad_id) == (0, 1)
+    assert tok.decode([tok.eot_id]) == EOT
+    # Special strings inside source text are plain text, never control tokens.
+    assert not set(tok.encode(f"a {EOT} b {FIM_MIDDLE}")) & set(range(5))
+    with pytest.raises(ValueError):
+        tok.token_id("<|nope|>")
+
+
+def test_vocab_and_batch(tok: KilnTokenizer) -> None:
+    assert 256 + 5 < tok.vocab_size <= 400
+    texts = _texts(5)
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    # Merges were learned: common code compresses well below one token per byte.
+    assert len(tok.encode(texts[0])) < len(texts[0].encode()) / 2
+
+
+def test_training_is_deterministic(tok: KilnTokenizer) -> None:
+    again = train_tokenizer(iter(_texts()), vocab_size=400, min_frequency=2)
+    assert again.to_json_str() == tok.to_json_str()
+    assert again.fingerprint() == tok.fingerprint()
+    other = train_tokenizer(_texts()[::-1][:30], vocab_size=400, min_frequency=2)
+    assert other.fingerprint() != tok.fingerprint()
+
+
+def test_save_load(tok: KilnTokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    loaded = KilnTokenizer.load(path)
+    assert loaded.to_json_str() == tok.to_json_str() == path.read_text(encoding="utf-8")
+    assert loaded.fingerprint() == tok.fingerprint()
+    assert loaded.encode(f"x {EOT} y") == tok.encode(f"x {EOT} y")
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cannot read"):
+        KilnTokenizer.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "1.0", "model": ', encoding="utf-8")
+    with pytest.raises(DataError, match="corrupt"):
+        KilnTokenizer.load(bad)
+    # A valid tokenizer.json whose special tokens are not Kiln's is rejected too.
+    foreign = train_tokenizer(["abc abc"], vocab_size=300, min_frequency=1).to_json_str()
+    (tmp_path / "foreign.json").write_text(foreign.replace(EOT, "<|other|>"), encoding="utf-8")
+    with pytest.raises(DataError, match="not a Kiln tokenizer"):
+        KilnTokenizer.load(tmp_path / "foreign.json")

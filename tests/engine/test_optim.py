@@ -1,0 +1,76 @@
+"""Optimizer construction, the lr schedule and the L2/L1 objective terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.config import OptimizerSection, ScheduleSection
+from kiln.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    regularization_terms,
+)
+
+
+def test_warmup_then_cosine_to_min() -> None:
+    cfg = ScheduleSection(name="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg=cfg, max_steps=110) == pytest.approx(0.1)
+    assert lr_factor(9, cfg=cfg, max_steps=110) == pytest.approx(1.0)
+    assert lr_factor(10, cfg=cfg, max_steps=110) == pytest.approx(1.0)
+    assert lr_factor(60, cfg=cfg, max_steps=110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, cfg=cfg, max_steps=110) == pytest.approx(0.1)
+    assert lr_factor(500, cfg=cfg, max_steps=110) == pytest.approx(0.1)
+
+
+def test_linear_and_constant() -> None:
+    lin = ScheduleSection(name="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert lr_factor(50, cfg=lin, max_steps=100) == pytest.approx(0.5)
+    const = ScheduleSection(name="constant", warmup_steps=2, min_lr_ratio=0.0)
+    assert lr_factor(1, cfg=const, max_steps=100) == pytest.approx(1.0)
+    assert lr_factor(99, cfg=const, max_steps=100) == 1.0
+
+
+def test_scheduler_state_round_trips() -> None:
+    model = nn.Linear(3, 3)
+    opt = build_optimizer(model, OptimizerSection(lr=0.5))
+    sched = build_scheduler(opt, ScheduleSection(warmup_steps=4), max_steps=20)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    state = sched.state_dict()
+    opt2 = build_optimizer(model, OptimizerSection(lr=0.5))
+    sched2 = build_scheduler(opt2, ScheduleSection(warmup_steps=4), max_steps=20)
+    sched2.load_state_dict(state)
+    assert sched2.get_last_lr() == sched.get_last_lr() == [0.5 * 4 / 4] * 2
+
+
+def test_weight_decay_only_on_matrices() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    opt = build_optimizer(model, OptimizerSection(weight_decay=0.3))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.3 and all(p.ndim == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.ndim == 1 for p in plain["params"])
+    assert isinstance(opt, torch.optim.AdamW)
+    sgd = build_optimizer(model, OptimizerSection(name="sgd", momentum=0.8, nesterov=True))
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+
+
+def test_regularization_terms_exact_values() -> None:
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+        model.bias.fill_(3.0)
+    assert regularization_terms(model, OptimizerSection()) == {}
+    terms = regularization_terms(model, OptimizerSection(l2=0.5, l1=0.25))
+    assert terms["l2"].item() == pytest.approx(0.5 * (1 + 4 + 9))
+    assert terms["l1"].item() == pytest.approx(0.25 * (1 + 2 + 3))
+
+
+def test_l2_gradient_is_two_lambda_theta() -> None:
+    model = nn.Linear(2, 1, bias=False)
+    terms = regularization_terms(model, OptimizerSection(l2=0.1))
+    terms["l2"].backward()
+    assert torch.allclose(model.weight.grad, 0.2 * model.weight.detach())

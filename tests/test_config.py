@@ -1,0 +1,151 @@
+"""Config schema, loading, overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from kiln.config import (
+    Config,
+    SourceSection,
+    apply_overrides,
+    load_config,
+    packaged_config_names,
+    resolve_config,
+    validate_config,
+)
+from kiln.errors import ConfigError
+
+
+def test_packaged_configs_validate() -> None:
+    names = packaged_config_names()
+    assert {"default", "smoke"} <= set(names)
+    for name in names:
+        assert isinstance(load_config(name), Config)
+
+
+def test_required_keys_exist_with_defaults() -> None:
+    cfg = Config()
+    assert cfg.seed == 1337
+    assert cfg.training.max_steps >= 1
+    assert cfg.training.micro_batch_size >= 1
+    assert cfg.training.grad_accum_steps >= 1
+    assert cfg.checkpoint.every_steps >= 0
+    assert cfg.hardware.device == "auto"
+    assert cfg.hardware.threads == "auto"
+
+
+def _undocumented(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Leaf fields without a description; sub-sections are walked, not counted."""
+    missing = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            missing += _undocumented(annotation, f"{prefix}{name}.")
+        elif not field.description:
+            missing.append(prefix + name)
+    return missing
+
+
+def test_every_default_is_documented_in_the_schema() -> None:
+    assert _undocumented(Config) == []
+    assert _undocumented(SourceSection) == []
+
+
+def test_overrides_apply_and_parse_yaml_scalars() -> None:
+    cfg = load_config("smoke", ["training.max_steps=7", "optimizer.betas=[0.8, 0.9]",
+                                "precision.dtype=bf16", "hardware.threads=1"])
+    assert cfg.training.max_steps == 7
+    assert cfg.optimizer.betas == (0.8, 0.9)
+    assert cfg.precision.dtype == "bf16"
+    assert cfg.hardware.threads == 1
+
+
+def test_resolve_pins_threads_and_device() -> None:
+    cfg = resolve_config(Config())
+    assert isinstance(cfg.hardware.threads, int) and cfg.hardware.threads >= 1
+    assert cfg.hardware.device in ("cpu", "cuda")
+
+
+def test_snapshot_round_trips() -> None:
+    cfg = resolve_config(load_config("smoke"))
+    again = validate_config(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+    assert again.fingerprint() == cfg.fingerprint()
+
+
+BAD_INPUTS = [
+    # (raw mapping or override list, fragments the message must contain)
+    ({"trainig": {"max_steps": 3}}, ["trainig", "unknown key"]),
+    ({"training": {"max_step": 3}}, ["training.max_step", "unknown key"]),
+    ({"training": {"max_steps": 0}}, ["training.max_steps", "got 0", "greater than or equal to 1"]),
+    ({"training": {"max_steps": "ten"}}, ["training.max_steps", "'ten'", "integer"]),
+    ({"training": {"micro_batch_size": -4}}, ["training.micro_batch_size", "got -4"]),
+    ({"training": {"grad_accum_steps": 1.5}}, ["training.grad_accum_steps", "1.5"]),
+    ({"hardware": {"device": "tpu"}}, ["hardware.device", "'tpu'", "'cpu'", "'cuda'", "'auto'"]),
+    ({"hardware": {"threads": 0}}, ["hardware.threads", "got 0"]),
+    ({"precision": {"dtype": "fp8"}}, ["precision.dtype", "'fp8'", "'bf16'"]),
+    ({"optimizer": {"name": "adam"}}, ["optimizer.name", "'adam'", "'adamw'", "'sgd'"]),
+    ({"optimizer": {"lr": -1e-3}}, ["optimizer.lr", "-0.001", "greater than 0"]),
+    ({"model": {"d_model": 100, "n_heads": 3}}, ["model", "divisible by n_heads"]),
+    ({"data": {"val_fraction": 1.5}}, ["data.val_fraction", "1.5", "less than 1"]),
+    ({"seed": -1}, ["seed", "got -1"]),
+    ({"checkpoint": {"keep_last": 0}}, ["checkpoint.keep_last", "got 0"]),
+    ({"model": {"dropout": 1.0}}, ["model.dropout", "got 1.0", "less than 1"]),
+    ({"data": {"sources": [{"root": "x", "inclde": ["*.py"]}]}}, ["data.sources.0.inclde"]),
+]
+
+
+@pytest.mark.parametrize(("raw", "fragments"), BAD_INPUTS)
+def test_bad_values_name_key_value_and_expectation(raw: dict, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config(raw)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+
+
+def test_several_problems_reported_together() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config({"seed": "x", "training": {"max_steps": 0}})
+    assert "2 problems" in str(info.value)
+    assert "seed" in str(info.value) and "training.max_steps" in str(info.value)
+
+
+def test_unknown_override_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides({}, ["training.max_stesp=3"])
+    message = str(info.value)
+    assert "training.max_stesp" in message and "max_steps" in message
+
+
+def test_override_without_equals_sign() -> None:
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
+        apply_overrides({}, ["training.max_steps"])
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_unknown_packaged_name() -> None:
+    with pytest.raises(ConfigError, match="smoke"):
+        load_config("no-such-config")
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_top_level_must_be_mapping(tmp_path: Path) -> None:
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(str(bad))
