@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from kiln.config import (
     Config,
@@ -38,21 +40,19 @@ def test_required_keys_exist_with_defaults() -> None:
     assert cfg.hardware.threads == "auto"
 
 
-def _undocumented(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Leaf fields without a description; sub-sections are walked, not counted."""
-    missing = []
+def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted key, field) for every value field; sub-sections are walked, not listed."""
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            missing += _undocumented(annotation, f"{prefix}{name}.")
-        elif not field.description:
-            missing.append(prefix + name)
-    return missing
+            yield from leaf_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield prefix + name, field
 
 
 def test_every_default_is_documented_in_the_schema() -> None:
-    assert _undocumented(Config) == []
-    assert _undocumented(SourceSection) == []
+    fields = [*leaf_fields(Config), *leaf_fields(SourceSection, "data.sources.")]
+    assert [key for key, field in fields if not field.description] == []
 
 
 def test_overrides_apply_and_parse_yaml_scalars() -> None:
@@ -149,3 +149,13 @@ def test_top_level_must_be_mapping(tmp_path: Path) -> None:
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping of sections"):
         load_config(str(bad))
+
+
+def test_readme_documents_every_config_key() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    missing = [key for key, _ in leaf_fields(Config) if f"`{key}`" not in readme]
+    assert missing == [], f"README's configuration table lacks {missing}"
+
+
+def test_packaged_default_is_the_schema_default() -> None:
+    assert load_config("default") == Config()

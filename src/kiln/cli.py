@@ -63,9 +63,9 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command in (None, "train"):
         config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
-        _report(workflows.train(config))
+        return _report(workflows.train(config))
     elif args.command == "resume":
-        _report(workflows.resume(args.run_dir))
+        return _report(workflows.resume(args.run_dir))
     elif args.command == "runs":
         _print_runs(list_runs(args.root))
     elif args.command == "eval":
@@ -95,13 +95,18 @@ def _export(args: argparse.Namespace, workflows: ModuleType) -> None:
     print(f"exported to {path}")
 
 
-def _report(outcome: TrainOutcome) -> None:
+def _report(outcome: TrainOutcome) -> int:
+    """Print the end of a training command; exit 130 if a signal stopped it."""
     print(f"run directory: {outcome.run_dir}")
     print(f"status: {outcome.status} at step {outcome.step}")
+    if outcome.status == "interrupted":
+        print(f"continue with: kiln resume {outcome.run_dir}")
+        return 130
     if outcome.val_ppl is not None:
         print(f"validation loss {outcome.val_loss:.4f}, perplexity {outcome.val_ppl:.2f}")
     if outcome.sample is not None:
         print("sample:\n" + outcome.sample)
+    return 0
 
 
 def _print_runs(rows: list[dict]) -> None:

@@ -51,7 +51,10 @@ class SourceSection(Section):
     )
     include: list[str] = Field(["**/*.py"], min_length=1, description="Globs of files to read.")
     exclude: list[str] = Field(
-        ["site-packages/**", "dist-packages/**"], description="Globs of files to skip."
+        ["site-packages/**", "dist-packages/**", "**/test/**", "**/tests/**", "**/idle_test/**",
+         "encodings/**"],
+        description="Globs of files to skip (default: installed packages, the stdlib's tests "
+        "and its generated codec tables).",
     )
 
 
@@ -126,14 +129,14 @@ class ScheduleSection(Section):
     """Learning-rate schedule: linear warmup then decay to min_lr_ratio * lr."""
 
     name: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay shape.")
-    warmup_steps: NonNegInt = Field(50, description="Linear warmup steps from 0 to lr.")
+    warmup_steps: NonNegInt = Field(24, description="Linear warmup steps from 0 to lr.")
     min_lr_ratio: Fraction = Field(0.1, description="Final lr as a fraction of the peak.")
 
 
 class TrainingSection(Section):
     """Loop length, batch shape and clipping."""
 
-    max_steps: PositiveInt = Field(600, description="Optimizer steps to train.")
+    max_steps: PositiveInt = Field(240, description="Optimizer steps to train.")
     micro_batch_size: PositiveInt = Field(16, description="Windows per forward/backward.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     grad_clip: NonNegFloat = Field(1.0, description="Global gradient-norm clip; 0 disables.")
@@ -175,7 +178,7 @@ class StrategySection(Section):
 class CheckpointSection(Section):
     """When checkpoints are written and how many are kept."""
 
-    every_steps: NonNegInt = Field(100, description="Checkpoint every N steps; 0 disables.")
+    every_steps: NonNegInt = Field(80, description="Checkpoint every N steps; 0 disables.")
     every_minutes: NonNegFloat = Field(0.0, description="Also every N minutes; 0 disables.")
     keep_last: PositiveInt = Field(3, description="Newest checkpoints kept.")
     keep_best: bool = Field(True, description="Also keep the one with the best val loss.")
@@ -184,8 +187,8 @@ class CheckpointSection(Section):
 class EvalSection(Section):
     """Periodic validation, bounded in cost."""
 
-    every_steps: NonNegInt = Field(100, description="Validate every N steps; 0: only at the end.")
-    max_batches: PositiveInt = Field(16, description="Validation batches per evaluation.")
+    every_steps: NonNegInt = Field(80, description="Validate every N steps; 0: only at the end.")
+    max_batches: PositiveInt = Field(8, description="Validation batches per evaluation.")
     batch_size: PositiveInt | None = Field(None, description="Default: micro_batch_size.")
 
 

@@ -54,6 +54,8 @@ def regularization_terms(model: nn.Module, cfg: OptimizerSection) -> dict[str, t
     Only the terms whose coefficient is non-zero are computed, so the default costs nothing.
     """
     terms: dict[str, torch.Tensor] = {}
+    if not (cfg.l2 or cfg.l1):
+        return terms
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.l2:
         terms["l2"] = cfg.l2 * sum(p.float().pow(2).sum() for p in params)
