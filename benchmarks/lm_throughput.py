@@ -58,7 +58,7 @@ from torch import nn
 
 from kiln.config import Config, load_config
 from kiln.engine.trainer import Trainer
-from kiln.jobs.lm import build_model, next_token_loss
+from kiln.jobs.lm import build_model, next_token_loss, window_tokens
 from kiln.repro import set_determinism
 from kiln.run import Run, read_metrics
 
@@ -194,7 +194,7 @@ class BenchJob:
         return next_token_loss(model, batch)
 
     def tokens_in(self, batch: torch.Tensor) -> int:
-        return batch.shape[0] * (batch.shape[1] - 1)
+        return window_tokens(batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         self._watch.stop()

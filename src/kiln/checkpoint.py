@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kiln.errors import CheckpointError
-from kiln.fsio import atomic_write, fsync_dir, sha256_file
+from kiln.fsio import atomic_write, fsync_path, sha256_file
 from kiln.state_codec import decode_state, encode_state
 
 FORMAT_VERSION = 1
@@ -62,7 +62,7 @@ def save_checkpoint(ckpt_root: Path, step: int, state: Any, meta: dict) -> Path:
         _remove_tree(tmp)
         tmp.mkdir()
         save_file(tensors, tmp / TENSORS_FILE)
-        _fsync_file(tmp / TENSORS_FILE)
+        fsync_path(tmp / TENSORS_FILE)
         atomic_write(tmp / SKELETON_FILE, skeleton_text)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -209,17 +209,17 @@ def apply_retention(ckpt_root: Path, keep_last: int, protect: set[int]) -> list[
             if entry.name.startswith((".tmp-", ".old-")):
                 _remove_tree(entry)
                 deleted.append(entry)
-        fsync_dir(ckpt_root)
+        fsync_path(ckpt_root)
     return deleted
 
 
 def _publish(tmp: Path, final: Path) -> None:
     """Rename the finished ``tmp`` folder to ``final``, replacing an older copy safely."""
-    fsync_dir(tmp)
+    fsync_path(tmp)
     root = final.parent
     if not final.exists():
         os.replace(tmp, final)
-        fsync_dir(root)
+        fsync_path(root)
         return
     aside = root / f".old-{final.name}-{os.getpid()}"
     _remove_tree(aside)
@@ -229,7 +229,7 @@ def _publish(tmp: Path, final: Path) -> None:
     except OSError:
         os.replace(aside, final)  # put the previous checkpoint back
         raise
-    fsync_dir(root)
+    fsync_path(root)
     shutil.rmtree(aside)
 
 
@@ -270,14 +270,6 @@ def _check_file(path: Path, name: str, entry: Any) -> str | None:
 
 def _describe(file: Path) -> dict:
     return {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-
-
-def _fsync_file(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

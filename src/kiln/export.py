@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from kiln.errors import ExportError
-from kiln.fsio import fsync_dir, sha256_file
+from kiln.fsio import fsync_path, sha256_file
 
 MODEL_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -75,9 +75,9 @@ def export_bundle(
         for name in [*names, SUMS_FILE]:
             _seal(tmp / name)
         os.chmod(tmp, 0o555)
-        fsync_dir(tmp)
+        fsync_path(tmp)
         os.replace(tmp, to_dir)  # also replaces an empty to_dir; fails if it filled up meanwhile
-        fsync_dir(to_dir.parent)
+        fsync_path(to_dir.parent)
     except OSError as exc:
         with contextlib.suppress(OSError):
             _remove_tree(tmp)
@@ -147,11 +147,7 @@ def _check_target(to_dir: Path) -> None:
 def _seal(file: Path) -> None:
     """Make ``file`` read-only and flush its data and mode to disk."""
     os.chmod(file, 0o444)
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(file)
 
 
 def _remove_tree(path: Path) -> None:

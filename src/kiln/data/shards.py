@@ -34,7 +34,7 @@ from kiln.data.corpus import (
 )
 from kiln.data.tokenizer import KilnTokenizer, train_tokenizer
 from kiln.errors import DataError
-from kiln.fsio import atomic_write, fsync_dir, sha256_file
+from kiln.fsio import atomic_write, fsync_path, sha256_file
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -218,7 +218,7 @@ def prepare_token_data(
             shutil.rmtree(tmp, ignore_errors=True)
             log(f"another process built {final} first; using it")
         else:
-            fsync_dir(cache_dir)
+            fsync_path(cache_dir)
             log(f"token shards written to {final} ({_summary(index)})")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,7 +330,7 @@ def _build(
         "corpus": asdict(stats),
         "splits": {split: writer.close() for split, writer in writers.items()},
     }
-    fsync_dir(folder)
+    fsync_path(folder)
     atomic_write(folder / INDEX, json.dumps(index, indent=2, sort_keys=True))
     return index
 

@@ -66,6 +66,11 @@ def next_token_loss(
     return loss, {"next_token": loss}
 
 
+def window_tokens(batch: torch.Tensor) -> int:
+    """Predicted tokens in a batch of windows: seq_len per window of seq_len + 1."""
+    return batch.shape[0] * (batch.shape[1] - 1)
+
+
 class LMJob:
     """Everything the trainer needs to train the code LM under a config."""
 
@@ -105,7 +110,7 @@ class LMJob:
         return next_token_loss(model, batch)
 
     def tokens_in(self, batch: torch.Tensor) -> int:
-        return batch.shape[0] * (batch.shape[1] - 1)
+        return window_tokens(batch)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         return evaluate_perplexity(model, self.val_windows, self.eval_batch_size, self.device)
