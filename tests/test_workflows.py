@@ -34,6 +34,13 @@ def exported_weights(run_dir: Path, tmp_path: Path, which: str = "latest") -> by
     return (out / "model.safetensors").read_bytes()
 
 
+def flip_a_byte(path: Path) -> None:
+    """Damage a file the way bit rot would: same size, one byte changed."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_train_writes_a_complete_run_directory(smoke_config: ConfigFactory) -> None:
     outcome = workflows.train(smoke_config(), echo=False)
     run = outcome.run_dir
@@ -75,10 +82,7 @@ def test_resume_after_corrupt_checkpoint_falls_back_and_matches(
     # Pretend the run died after step 20 was written and step 20 was then damaged on disk.
     ckpts = broken / "checkpoints"
     shutil.rmtree(ckpts / "step_00000030")
-    tensors = ckpts / "step_00000020" / "state.safetensors"
-    data = bytearray(tensors.read_bytes())
-    data[-5] ^= 0xFF
-    tensors.write_bytes(bytes(data))
+    flip_a_byte(ckpts / "step_00000020" / "state.safetensors")
     (broken / "status").write_text("interrupted\n")
 
     outcome = workflows.resume(broken, echo=False)
@@ -97,7 +101,18 @@ def test_retention_keeps_last_and_best(smoke_config: ConfigFactory) -> None:
     best = min(evals, key=evals.get)
     kept = {c.step for c in list_checkpoints(run / "checkpoints")}
     assert kept == {best, 30}
-    assert workflows.pick_checkpoint(run, "best").step == best
+    assert workflows.load_chosen_checkpoint(run, "best")[0].step == best
+
+
+def test_export_skips_a_corrupt_latest_checkpoint_and_says_so(
+    smoke_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workflows.train(smoke_config(), echo=False).run_dir
+    flip_a_byte(run / "checkpoints" / "step_00000030" / "state.safetensors")
+    bundle = tmp_path / "bundle"
+    workflows.export_run(run, bundle, "latest")
+    assert '"step": 20' in (bundle / "metadata.json").read_text()
+    assert "skipping checkpoint step 30" in capsys.readouterr().err
 
 
 def test_time_based_checkpoints(smoke_config: ConfigFactory) -> None:

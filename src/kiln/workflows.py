@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +17,12 @@ import safetensors
 import torch
 
 import kiln
-from kiln.checkpoint import CheckpointInfo, list_checkpoints, load_checkpoint, verify_checkpoint
+from kiln.checkpoint import (
+    CheckpointInfo,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest_valid,
+)
 from kiln.config import Config, resolve_config
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, KilnError, RunError
@@ -136,22 +142,23 @@ def _write_summary(run: Run, progress: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------- after training
 
 
-def pick_checkpoint(run_dir: Path, which: Which) -> CheckpointInfo:
-    """The best (lowest validation loss, ties to the later step) or latest valid checkpoint."""
-    infos = list_checkpoints(Path(run_dir) / "checkpoints")
-    if not infos:
-        raise CheckpointError(f"{run_dir} has no checkpoints yet; train or resume it first")
+def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo, dict[str, Any]]:
+    """Load the best (lowest validation loss, ties to the later step) or latest valid checkpoint.
+
+    Without any scored checkpoint, "best" falls back to the latest. Each file is verified once,
+    while loading; a newer checkpoint that fails is reported on stderr and skipped.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
     if which == "best":
-        scored = [i for i in infos if i.meta.get("val_loss") is not None]
+        scored = [i for i in list_checkpoints(ckpt_root) if i.meta.get("val_loss") is not None]
         if scored:
-            return min(scored, key=lambda i: (i.meta["val_loss"], -i.step))
-    for info in reversed(infos):
-        try:
-            verify_checkpoint(info.path)
-            return info
-        except CheckpointError:
-            continue
-    raise CheckpointError(f"no checkpoint in {run_dir}/checkpoints passes verification")
+            best = min(scored, key=lambda i: (i.meta["val_loss"], -i.step))
+            state, meta = load_checkpoint(best.path)
+            return CheckpointInfo(best.path, best.step, meta), state
+    found = load_latest_valid(ckpt_root, warn=lambda message: print(message, file=sys.stderr))
+    if found is None:
+        raise CheckpointError(f"{run_dir} has no checkpoints yet; train or resume it first")
+    return found
 
 
 def load_trained_model(
@@ -160,8 +167,7 @@ def load_trained_model(
     """The run's model with the weights of the chosen checkpoint, ready for inference."""
     run = Run.open(run_dir, echo=False)
     device = prepare_process(run.config)
-    info = pick_checkpoint(run.path, which)
-    state, _ = load_checkpoint(info.path)
+    info, state = load_chosen_checkpoint(run.path, which)
     model = build_model(run.config, load_run_tokenizer(run.path).vocab_size)
     model.load_state_dict(state["model"])
     return run, model.to(device).eval(), info, device
@@ -208,8 +214,7 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / SNAPSHOT).is_file():
         raise RunError(f"{run_dir} is not a kiln run directory ({SNAPSHOT} is missing)")
-    info = pick_checkpoint(run_dir, which)
-    state, meta = load_checkpoint(info.path)
+    info, state = load_chosen_checkpoint(run_dir, which)
     summary = read_summary(run_dir)
     metadata = {
         "kiln_version": kiln.__version__,
@@ -221,8 +226,8 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "checkpoint": info.path.name,
         "selected_by": which,
         "step": info.step,
-        "tokens_seen": meta.get("tokens_seen"),
-        "val_loss": meta.get("val_loss"),
+        "tokens_seen": info.meta.get("tokens_seen"),
+        "val_loss": info.meta.get("val_loss"),
         "best_val_loss": summary.get("best_val_loss"),
     }
     files = {
