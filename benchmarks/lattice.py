@@ -1,0 +1,214 @@
+"""The batched 3D lattice against a per-cell Python loop, on a small and the full 11x15x15 grid.
+
+What is compared
+    ``kiln.models.lattice.Lattice`` (all cells advance in a few batched matmuls) and the per-cell
+    reference in ``tests/models/lattice_reference.py`` (a Python loop over cells, one small gMLP
+    call per cell, as the original project did), on the same weights and inputs; both compute the
+    same numbers (the tests check it to float tolerance).
+
+What is timed
+    One training step's worth of work per propagation step: forward through ``steps`` propagation
+    steps, then backward of ``mean(output^2) + mean(state^2)`` (the state term makes every cell
+    part of the backward, as in training with internal losses). Reported per propagation step
+    (total / steps), median over ``--repeats`` after one warm-up run. The full-size reference is
+    slow, so it runs ``--ref-steps`` propagation steps (default 1) and fewer repeats; its cost is
+    linear in the number of steps (every step does the same per-cell work), so the per-step time
+    extrapolates directly.
+
+Memory
+    Every configuration runs in its own subprocess: peak RSS (``resource.getrusage`` ru_maxrss)
+    minus the RSS just before the first forward (model, optimizer-free, inputs already built)
+    is what the forward/backward added: activations, gradients, allocator slack. On CUDA the
+    numbers are ``torch.cuda.max_memory_allocated`` instead.
+
+Options: ``--threads`` (default 2), ``--batch`` (default "1,8"), ``--grids`` (small, full),
+``--repeats``, ``--device``, ``--malloc-tuned`` (also run with glibc told to keep freed memory,
+which removes page-fault cost of large temporaries), ``--json FILE``. See ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.models.lattice import Lattice, LatticeShape
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = {"small": (5, 6, 6), "full": (11, 15, 15)}
+# glibc: serve large blocks from the heap and never trim it, so big temporaries are reused.
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+
+
+def load_reference() -> Any:
+    path = ROOT / "tests" / "models" / "lattice_reference.py"
+    spec = importlib.util.spec_from_file_location("lattice_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this process and return its measurements."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    d, h, w = GRIDS[spec["grid"]]
+    steps = spec["steps"]
+    shape = LatticeShape(
+        depth=d, height=h, width=w, input_dim=h * w, output_dim=h * w, steps=steps,
+        sharing=spec["sharing"], checkpoint=spec["checkpoint"],
+    )
+    torch.manual_seed(0)
+    model = Lattice(shape).to(device)
+    x = torch.randn(spec["batch"], h * w, device=device)
+    ref = load_reference() if spec["impl"] == "reference" else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["bf16"])
+
+    def run() -> float:
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with autocast:
+            if ref is None:
+                out, state = model(x)
+            else:
+                out, state = ref.forward(model, x)
+            loss = out.float().square().mean() + state.float().square().mean()
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    base = rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    run()  # warm-up
+    times = [run() for _ in range(spec["repeats"])]
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    per_step = statistics.median(times) / steps
+    return {
+        **spec,
+        "per_step_s": per_step,
+        "steps_per_s": 1.0 / per_step,
+        "all_times_s": times,
+        "peak_bytes": peak,
+        "added_bytes": peak - base,
+        "parameters": model.num_parameters(),
+    }
+
+
+def run_worker(spec: dict[str, Any], env_extra: dict[str, str]) -> dict[str, Any]:
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": str(spec["threads"])}
+    cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker failed for {spec}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grids", default="small,full", help="comma list of: small (5x6x6), full")
+    p.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--steps", type=int, default=4, help="propagation steps timed (batched)")
+    p.add_argument("--ref-steps", type=int, default=1, help="propagation steps (reference)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ref-repeats", type=int, default=2, help="repeats of the full-size reference")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--malloc-tuned", action="store_true", help="also run with glibc tuning")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    base = {
+        "threads": args.threads, "device": args.device, "sharing": "none", "checkpoint": False,
+        "bf16": False, "impl": "batched", "repeats": args.repeats, "steps": args.steps,
+    }
+    specs: list[tuple[str, dict[str, Any], dict[str, str]]] = []
+    for grid in args.grids.split(","):
+        for batch in (int(b) for b in args.batch.split(",")):
+            cfg = {**base, "grid": grid, "batch": batch}
+            ref_repeats = args.ref_repeats if grid == "full" else args.repeats
+            specs += [
+                ("reference fp32", {**cfg, "impl": "reference", "steps": args.ref_steps,
+                                    "repeats": ref_repeats}, {}),
+                ("batched fp32", cfg, {}),
+                ("batched bf16", {**cfg, "bf16": True}, {}),
+                ("batched fp32 checkpoint", {**cfg, "checkpoint": True}, {}),
+                ("batched fp32 per_depth", {**cfg, "sharing": "per_depth"}, {}),
+                ("batched fp32 all (3D NCA)", {**cfg, "sharing": "all"}, {}),
+            ]
+            if args.malloc_tuned:
+                specs += [
+                    ("batched fp32, malloc tuned", cfg, MALLOC_TUNED),
+                    ("batched bf16, malloc tuned", {**cfg, "bf16": True}, MALLOC_TUNED),
+                ]
+
+    print(f"# lattice benchmark, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__}, python {platform.python_version()}, "
+          f"threads {args.threads}, device {args.device}")
+    print(f"load average before: {load_average()}\n")
+    print("| grid | batch | variant | ms / step (fwd+bwd) | steps/s | x vs reference "
+          "| peak MiB | added MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    results, ref_time = [], {}
+    for name, spec, env in specs:
+        r = run_worker(spec, env)
+        r["variant"] = name
+        results.append(r)
+        key = (r["grid"], r["batch"])
+        if r["impl"] == "reference":
+            ref_time[key] = r["per_step_s"]
+        r["speedup"] = ref_time[key] / r["per_step_s"]
+        d, h, w = GRIDS[r["grid"]]
+        print(f"| {d}x{h}x{w} | {r['batch']} | {name} | {1e3 * r['per_step_s']:,.1f} | "
+              f"{r['steps_per_s']:.2f} | {r['speedup']:.1f} | "
+              f"{mib(r['peak_bytes'])} | {mib(r['added_bytes'])} |", flush=True)
+    print(f"\nload average after: {load_average()}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
