@@ -14,7 +14,8 @@ What is timed
     checkpoints off and metrics logged every 10 steps (the default cadence), so everything the
     trainer does per step is inside the measurement: RNG capture, loader state, the loss split
     and weighting, scaler calls, clipping, scheduler, ``.item()`` syncs, metrics rows and log
-    lines. The job handed to the trainer is a small in-memory implementation of the
+    lines, and the LM job's per-token loss weighting (every weight 1 here, as in plain
+    next-token training). The job handed to the trainer is a small in-memory implementation of the
     ``TrainableJob`` protocol, and it is also the stopwatch: the clock starts the first time
     the trainer touches the batch source (``state_dict`` or ``next_batch``) for the first
     step after warmup, and stops when the trainer calls ``job.evaluate()``. ``fit()`` calls
@@ -27,8 +28,9 @@ Noise control
     Both loops run ``--repeats`` times, interleaved; the order flips every round (kiln,
     minimal, then minimal, kiln, ...) so a steady drift in machine speed does not favour either
     one. Per-round and median tokens/s are reported, and the ratio of the medians. The loss of
-    the last step of each loop is recorded too: the two loops do the same arithmetic, so they
-    should agree (exactly on CPU), which checks that the same work was timed.
+    the last step of each loop is recorded too: the two loops compute the same loss (Kiln as a
+    weighted sum over positions, the minimal loop as a plain mean), so they agree to float
+    rounding, which checks that the same work was timed.
 
 Run ``python benchmarks/lm_throughput.py --help`` for the options.
 """
@@ -57,8 +59,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config, load_config
+from kiln.data.mixture import normalize_step
 from kiln.engine.trainer import Trainer
-from kiln.jobs.lm import build_model, next_token_loss, window_tokens
+from kiln.jobs.lm import build_model, weighted_token_loss, window_tokens
 from kiln.repro import set_determinism
 from kiln.run import Run, read_metrics
 
@@ -162,11 +165,17 @@ class PremadeBatches:
         self._watch = watch
         self._index = 0
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> dict[str, torch.Tensor]:
         self._watch.step_begins(self._index)
-        batch = self._batches[self._index % len(self._batches)]
+        tokens = self._batches[self._index % len(self._batches)]
         self._index += 1
-        return batch
+        # What the LM job's loader hands out for plain next-token training.
+        targets = tokens[:, 1:]
+        return normalize_step({
+            "tokens": tokens,
+            "weights": torch.ones(targets.shape, device=tokens.device),
+            "components": torch.zeros_like(targets),
+        })
 
     def state_dict(self) -> dict[str, Any]:
         # The trainer asks for the loader state first thing in each step.
@@ -189,14 +198,14 @@ class BenchJob:
         self._watch = watch
 
     def loss(
-        self, model: nn.Module, batch: torch.Tensor
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return next_token_loss(model, batch)
+        return weighted_token_loss(model, batch)
 
-    def tokens_in(self, batch: torch.Tensor) -> int:
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return window_tokens(batch)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, *, final: bool) -> dict[str, float]:
         self._watch.stop()
         return {"val_loss": 0.0}
 

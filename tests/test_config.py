@@ -20,13 +20,24 @@ from kiln.config import (
     validate_config,
 )
 from kiln.errors import ConfigError
+from kiln.hashtron.settings import HashtronSettings, settings_table
 
 
 def test_packaged_configs_validate() -> None:
     names = packaged_config_names()
-    assert {"default", "smoke"} <= set(names)
+    assert {"default", "smoke", "fim_cot", "hashtron", "hashtron_forward"} <= set(names)
     for name in names:
-        assert isinstance(load_config(name), Config)
+        assert isinstance(load_config(name, ["eval.allow_code_execution=true"]), Config)
+
+
+def test_code_execution_needs_an_explicit_opt_in() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("fim_cot")
+    message = str(err.value)
+    assert "eval: the passk suite runs model-generated code" in message
+    assert "eval.allow_code_execution: true" in message
+    with pytest.raises(ConfigError, match="must include 'ppl'"):
+        load_config("smoke", ["eval.suites=[compile]"])
 
 
 def test_required_keys_exist_with_defaults() -> None:
@@ -96,6 +107,18 @@ BAD_INPUTS = [
     ({"checkpoint": {"keep_last": 0}}, ["checkpoint.keep_last", "got 0"]),
     ({"model": {"dropout": 1.0}}, ["model.dropout", "got 1.0", "less than 1"]),
     ({"data": {"sources": [{"root": "x", "inclde": ["*.py"]}]}}, ["data.sources.0.inclde"]),
+    ({"job": "nca"}, ["job", "'nca'", "'lm'", "'hashtron'"]),
+    ({"hashtron": {"pipeline": {"epochs": 0}}}, ["hashtron.pipeline.epochs", "got 0", ">= 1"]),
+    ({"hashtron": {"pipeline": {"epochs": True}}}, ["hashtron.pipeline.epochs", "integer"]),
+    ({"hashtron": {"pipeline": {"direction": "up"}}}, ["hashtron.pipeline.direction", "'up'",
+                                                       "'backward'", "'forward'"]),
+    ({"hashtron": {"capacity": {"max_change_factor": 0.5}}},
+     ["hashtron.capacity.max_change_factor", "0.5", "factor >= 1"]),
+    ({"hashtron": {"gold_zone": {"noise_scale": 0.2}}}, ["hashtron.gold_zone.moderate_low_scale",
+                                                         "<= 0.2"]),
+    ({"hashtron": {"task": {"eval_fraction": "half"}}}, ["hashtron.task.eval_fraction", "'half'"]),
+    ({"hashtron": {"cache": {"keep_lats": 3}}}, ["hashtron.cache.keep_lats", "unknown key"]),
+    ({"hashtron": {"layers": []}}, ["hashtron.layers", "at least 1 item"]),
 ]
 
 
@@ -106,6 +129,31 @@ def test_bad_values_name_key_value_and_expectation(raw: dict, fragments: list[st
     message = str(info.value)
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} missing from: {message}"
+
+
+def test_a_section_check_names_its_key_path_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_config({"hashtron": {"pipeline": {"epochs": 0}}})
+    assert str(info.value).splitlines()[1] == (
+        "  hashtron.pipeline.epochs: got 0, expected a value >= 1"
+    )
+
+
+def test_hashtron_section_mirrors_the_hashtron_settings() -> None:
+    schema = {
+        key: field.get_default(call_default_factory=True)
+        for key, field in leaf_fields(Config)
+        if key.startswith("hashtron.")
+    }
+    documented = {key: default for key, default, _ in settings_table()}
+    assert schema == documented
+    docs = {key: doc for key, _, doc in settings_table()}
+    assert {key: f.description for key, f in leaf_fields(Config) if key in docs} == docs
+    assert Config().hashtron.to_settings() == HashtronSettings()
+    cfg = load_config("smoke", ["hashtron.task.options.n=64", "hashtron.pipeline.epochs=2",
+                                "hashtron.task.name=squareroot", "job=hashtron"])
+    settings = cfg.hashtron.to_settings()
+    assert settings.task.options == {"n": 64} and settings.pipeline.epochs == 2
 
 
 def test_several_problems_reported_together() -> None:

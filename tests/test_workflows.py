@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
@@ -150,16 +151,16 @@ def _flaky_memory(monkeypatch: pytest.MonkeyPatch, fits: Callable[[int, int], bo
     """Make the LM loss raise OutOfMemoryError when ``fits(call, micro_batch)`` is False."""
     from kiln.jobs import lm
 
-    real = lm.next_token_loss
+    real = lm.weighted_token_loss
     calls = {"n": 0}
 
-    def loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         calls["n"] += 1
-        if not fits(calls["n"], batch.shape[0]):
+        if not fits(calls["n"], batch["tokens"].shape[0]):
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
         return real(model, batch)
 
-    monkeypatch.setattr(lm, "next_token_loss", loss)
+    monkeypatch.setattr(lm, "weighted_token_loss", loss)
 
 
 def test_oom_halves_micro_batch_and_keeps_the_math(
@@ -228,7 +229,9 @@ def _wait_for_checkpoint(proc: subprocess.Popen, root: Path, timeout: float = 12
 def _kill_and_resume(tmp_path: Path, shard_cache: Path, seed: int, sig: int) -> None:
     args = [f"data.cache_dir={shard_cache}", "hardware.device=cpu", "hardware.threads=2",
             "training.max_steps=400", "checkpoint.every_steps=10", "eval.every_steps=50",
-            "model.dropout=0.1", "training.grad_accum_steps=2"]
+            "model.dropout=0.1", "training.grad_accum_steps=2",
+            # FIM and CoT draw randomness per window: resume must reproduce it too.
+            "objectives.fim_rate=0.5", "objectives.cot.path=examples"]
     sets = [x for a in args for x in ("--set", a)]
     straight_root, killed_root = tmp_path / "straight", tmp_path / "killed"
     assert _kiln("train", "--config", "smoke", *sets, "--set",
@@ -292,6 +295,59 @@ def test_cli_runs_eval_generate_export(smoke_config: ConfigFactory, tmp_path: Pa
     assert again.returncode == 2 and "never overwritten" in again.stderr
     missing = _kiln("eval", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not a kiln run directory" in missing.stderr
+
+
+OBJECTIVES = ("objectives.fim_rate=0.5", "objectives.cot.path=examples")
+
+
+def test_fim_and_cot_train_in_one_pass_and_every_metric_is_reported(
+    smoke_config: ConfigFactory, tmp_path: Path
+) -> None:
+    cfg = smoke_config(*OBJECTIVES, "training.max_steps=10", "eval.every_steps=5",
+                       "eval.suites=[ppl,compile]", "eval.compile.prompts=4",
+                       "eval.compile.max_new_tokens=8")
+    outcome = workflows.train(cfg, echo=False)
+    rows = read_metrics(outcome.run_dir)
+    steps = [r for r in rows if "loss" in r]
+    assert all({"loss_next_token", "loss_fim", "loss_cot"} <= set(r) for r in steps)
+    evals = [r for r in rows if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [5, 10]
+    for name in ("", "next_token_", "fim_", "cot_"):
+        assert all(f"val_{name}loss" in r and f"val_{name}ppl" in r for r in evals)
+    assert 0.0 <= outcome.final_eval["compile_rate"] <= 1.0
+    report = json.loads((outcome.run_dir / "eval" / "00000010.json").read_text())
+    assert report["compile_samples"] == 4 and len(report["compile_examples"]) == 3
+    assert report["val_loss"] == outcome.val_loss
+
+
+def test_fim_and_cot_runs_are_deterministic(smoke_config: ConfigFactory, tmp_path: Path) -> None:
+    cfg = smoke_config(*OBJECTIVES, "training.max_steps=6", "data.prefetch=2")
+    a = workflows.train(cfg, echo=False).run_dir
+    b = workflows.train(cfg, echo=False).run_dir
+    assert exported_weights(a, tmp_path) == exported_weights(b, tmp_path)
+    plain = workflows.train(smoke_config("training.max_steps=6"), echo=False).run_dir
+    assert exported_weights(a, tmp_path) != exported_weights(plain, tmp_path)
+
+
+def test_cli_eval_suites_and_infilling(smoke_config: ConfigFactory, tmp_path: Path) -> None:
+    run = workflows.train(smoke_config(*OBJECTIVES, "training.max_steps=4"), echo=False).run_dir
+    refused = _kiln("eval", str(run), "--suite", "passk")
+    assert refused.returncode == 2 and "--allow-code-execution" in refused.stderr
+    assert _kiln("eval", str(run), "--suite", "bogus").returncode == 2
+    evaluated = _kiln("eval", str(run), "--suite", "passk", "--allow-code-execution")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "pass@1=" in evaluated.stdout and "pass@10=" in evaluated.stdout
+    report = json.loads((run / "eval" / "00000004.json").read_text())
+    assert report["checkpoint"] == "step_00000004" and "val_loss" in report  # merged
+    assert report["passk"]["num_problems"] >= 40
+
+    infill = _kiln("generate", str(run), "--fim-prefix", "def f(x):\n", "--fim-suffix",
+                   "\n    return y\n", "--max-new-tokens", "4")
+    assert infill.returncode == 0, infill.stderr
+    both = _kiln("generate", str(run), "--prompt", "x", "--fim-prefix", "a", "--fim-suffix", "b")
+    assert both.returncode == 2 and "--fim-prefix A --fim-suffix B" in both.stderr
+    half = _kiln("generate", str(run), "--fim-prefix", "a")
+    assert half.returncode == 2
 
 
 @pytest.mark.cuda

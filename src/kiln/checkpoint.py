@@ -184,6 +184,15 @@ def load_latest_valid(
     )
 
 
+def checkpoint_due(
+    step: int, every_steps: int, every_minutes: float, seconds_since_last: float
+) -> bool:
+    """Whether the checkpoint cadence (every N steps and/or every M minutes) asks for one now."""
+    if every_steps and step % every_steps == 0:
+        return True
+    return bool(every_minutes) and seconds_since_last >= 60 * every_minutes
+
+
 def apply_retention(ckpt_root: Path, keep_last: int, protect: set[int]) -> list[Path]:
     """Delete all but the newest ``keep_last`` checkpoints, sparing steps in ``protect``.
 

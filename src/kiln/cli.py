@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from kiln.errors import KilnError
 
 if TYPE_CHECKING:
+    from kiln.hashtron.multitask import TaskReport
     from kiln.workflows import TrainOutcome
 
 
@@ -34,9 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runs", help="table of runs under a folder")
     p.add_argument("root", type=Path, nargs="?", default=Path("experiments"))
 
-    p = sub.add_parser("eval", help="validation loss and perplexity of a run's checkpoint")
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint: perplexity, compile, pass@k")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+    p.add_argument(
+        "--suite", type=_suites, metavar="ppl,compile,passk",
+        help="comma-separated suites (default: the run's eval.suites)",
+    )
+    p.add_argument(
+        "--allow-code-execution", action="store_true",
+        help="opt in to running generated code (passk); see README before using it",
+    )
 
     p = sub.add_parser("export", help="write or verify an immutable export bundle")
     p.add_argument("run_dir", type=Path, nargs="?")
@@ -44,12 +53,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--verify", type=Path, metavar="DIR", help="re-check a bundle's checksums")
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained run's model")
+    p = sub.add_parser("generate", help="continue a prompt or fill in a middle with a run's model")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="text to continue")
+    p.add_argument("--fim-prefix", help="code before the gap to fill (with --fim-suffix)")
+    p.add_argument("--fim-suffix", help="code after the gap to fill (with --fim-prefix)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+
+    p = sub.add_parser(
+        "hashtron-tasks", help="train several hashtron tasks in a row and report each"
+    )
+    p.add_argument(
+        "--tasks", type=_names, metavar="A,B,...",
+        help="comma-separated task names (default: every offline task)",
+    )
+    p.add_argument("--config", default="hashtron",
+                   help="config whose hashtron section and seed are used (default: hashtron)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override one config value; repeatable",
+    )
 
     sub.add_parser("configs", help="list the packaged configs")
     return parser
@@ -69,17 +94,35 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "runs":
         _print_runs(list_runs(args.root))
     elif args.command == "eval":
-        metrics = workflows.evaluate_run(args.run_dir, args.checkpoint)
+        results = workflows.evaluate_run(
+            args.run_dir, args.checkpoint, args.suite,
+            allow_code_execution=args.allow_code_execution,
+        )
         print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in metrics.items()))
+                       for k, v in results.items() if isinstance(v, int | float | str)))
+        step = results["step"]
+        print(f"details: {args.run_dir / 'eval' / f'{step:08d}.json'}")
     elif args.command == "export":
         _export(args, workflows)
     elif args.command == "generate":
-        print(workflows.generate(args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, which=args.checkpoint))
+        _generate(args, workflows)
+    elif args.command == "hashtron-tasks":
+        reports = workflows.hashtron_tasks(load_config(args.config, args.overrides), args.tasks)
+        return _report_tasks(reports)
     elif args.command == "configs":
         print("\n".join(packaged_config_names()))
     return 0
+
+
+def _report_tasks(reports: list[TaskReport]) -> int:
+    """Print the task table; exit 2 (with the failed tasks on stderr) if any task failed."""
+    from kiln.hashtron.multitask import format_reports
+
+    print(format_reports(reports))
+    failed = [r for r in reports if not r.ok]
+    for report in failed:
+        print(f"error: task {report.task} failed: {report.error}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _export(args: argparse.Namespace, workflows: ModuleType) -> None:
@@ -95,6 +138,39 @@ def _export(args: argparse.Namespace, workflows: ModuleType) -> None:
     print(f"exported to {path}")
 
 
+def _names(text: str) -> list[str]:
+    """Parse a non-empty comma-separated list of names (argparse reports the error)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _suites(text: str) -> list[str]:
+    """Parse ``--suite a,b``; argparse turns the ValueError into a usage error."""
+    names = _names(text)
+    unknown = sorted(set(names) - {"ppl", "compile", "passk"})
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown suite(s) {unknown}; choose from ppl, compile, passk"
+        )
+    return names
+
+
+def _generate(args: argparse.Namespace, workflows: ModuleType) -> None:
+    prefix, suffix = args.fim_prefix, args.fim_suffix
+    fim_given = prefix is not None or suffix is not None
+    if fim_given == (args.prompt is not None) or (fim_given and None in (prefix, suffix)):
+        raise KilnError(
+            "use `kiln generate RUN_DIR --prompt TEXT` to continue text, or "
+            "`--fim-prefix A --fim-suffix B` (both) to fill in the middle"
+        )
+    print(workflows.generate(
+        args.run_dir, args.prompt, fim=(prefix, suffix) if fim_given else None,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, which=args.checkpoint,
+    ))
+
+
 def _report(outcome: TrainOutcome) -> int:
     """Print the end of a training command; exit 130 if a signal stopped it."""
     print(f"run directory: {outcome.run_dir}")
@@ -104,6 +180,13 @@ def _report(outcome: TrainOutcome) -> int:
         return 130
     if outcome.val_ppl is not None:
         print(f"validation loss {outcome.val_loss:.4f}, perplexity {outcome.val_ppl:.2f}")
+    accuracy = {k: v for k, v in outcome.final_eval.items() if k.endswith("_accuracy")}
+    if accuracy:  # a hashtron run
+        print(", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in accuracy.items()))
+    code_metrics = {k: v for k, v in outcome.final_eval.items()
+                    if k == "compile_rate" or k.startswith("pass@")}
+    if code_metrics:
+        print(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in code_metrics.items()))
     if outcome.sample is not None:
         print("sample:\n" + outcome.sample)
     return 0
@@ -113,7 +196,7 @@ def _print_runs(rows: list[dict]) -> None:
     if not rows:
         print("no runs found")
         return
-    headers = ["id", "job", "status", "step", "loss", "val_ppl"]
+    headers = ["id", "job", "status", "step", "loss", "val_ppl", "eval_acc"]
 
     def cell(value: object) -> str:
         if value is None:

@@ -8,16 +8,27 @@ overrides are applied to the raw mapping before validation, so they are checked 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import os
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from kiln.errors import ConfigError
+from kiln.hashtron import settings as hashtron_settings
 
 PACKAGED_CONFIGS = "kiln.configs"
 DEFAULT_CONFIG_NAME = "default"
@@ -61,7 +72,8 @@ class SourceSection(Section):
 class TokenizerSection(Section):
     """Byte-level BPE trained on the training split of the corpus."""
 
-    vocab_size: int = Field(8192, ge=256 + 5, le=1 << 20, description="Vocabulary size.")
+    # 256 byte tokens + the 7 special tokens (tests check this against the tokenizer).
+    vocab_size: int = Field(8192, ge=256 + 7, le=1 << 20, description="Vocabulary size.")
     min_frequency: PositiveInt = Field(2, description="Minimum pair count for a merge.")
     train_bytes: PositiveInt = Field(
         8 << 20, description="Text budget (bytes) for tokenizer training."
@@ -86,6 +98,44 @@ class DataSection(Section):
     shard_tokens: PositiveInt = Field(1 << 24, description="Maximum tokens per shard file.")
     shuffle: bool = Field(True, description="Seeded shuffle of windows each epoch.")
     prefetch: NonNegInt = Field(2, description="Batches prepared ahead in a background thread.")
+
+
+class ComponentWeightsSection(Section):
+    """Loss weight of each objective's tokens."""
+
+    next_token: NonNegFloat = Field(1.0, description="Weight of plain next-token tokens.")
+    fim: NonNegFloat = Field(1.0, description="Weight of tokens of FIM-transformed fragments.")
+    cot: NonNegFloat = Field(1.0, description="Weight of chain-of-thought tokens (x role weight).")
+
+
+class CotSection(Section):
+    """Chain-of-thought records (JSONL: prompt, reasoning, answer) mixed into every step."""
+
+    path: str | None = Field(
+        None, description="JSONL file of records; 'examples' is the packaged set; null: no CoT."
+    )
+    fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.25, description="Share of each step's windows drawn from the CoT data."
+    )
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.1, description="Share of records held out for validation."
+    )
+    prompt_weight: NonNegFloat = Field(0.0, description="Weight of prompt tokens.")
+    reasoning_weight: NonNegFloat = Field(1.0, description="Weight of reasoning tokens.")
+    answer_weight: NonNegFloat = Field(1.0, description="Weight of answer tokens.")
+
+
+class ObjectivesSection(Section):
+    """What the LM learns: next token, fill-in-the-middle and chain of thought, in one pass."""
+
+    weights: ComponentWeightsSection = Field(default_factory=ComponentWeightsSection)
+    fim_rate: Fraction = Field(
+        0.0, description="Probability that a document fragment of a window is FIM-transformed."
+    )
+    fim_spm_rate: Fraction = Field(
+        0.5, description="Of the transformed fragments, the share in SPM order (else PSM)."
+    )
+    cot: CotSection = Field(default_factory=CotSection)
 
 
 class ModelSection(Section):
@@ -184,12 +234,71 @@ class CheckpointSection(Section):
     keep_best: bool = Field(True, description="Also keep the one with the best val loss.")
 
 
-class EvalSection(Section):
-    """Periodic validation, bounded in cost."""
+class SamplingSection(Section):
+    """How an evaluation samples code from the model."""
 
-    every_steps: NonNegInt = Field(80, description="Validate every N steps; 0: only at the end.")
+    max_new_tokens: PositiveInt = Field(96, description="Token limit of one completion.")
+    temperature: NonNegFloat = Field(0.8, description="Sampling temperature; 0 is greedy.")
+    top_k: NonNegInt = Field(50, description="Sample among the top k tokens; 0 disables.")
+
+
+class CompileEvalSection(SamplingSection):
+    """Compile rate: functions completed from signatures found in held-out files."""
+
+    prompts: PositiveInt = Field(32, description="Function prompts drawn from the val split.")
+    scan_tokens: PositiveInt = Field(
+        1 << 20, description="Val-split tokens searched for function signatures."
+    )
+
+
+class PassAtKSection(SamplingSection):
+    """pass@k on function-completion problems with unit tests (runs generated code)."""
+
+    problems: str = Field(
+        "packaged", description="JSONL problem file; 'packaged' is Kiln's own set."
+    )
+    max_problems: PositiveInt | None = Field(None, description="Use the first N problems.")
+    n: PositiveInt = Field(10, description="Samples per problem.")
+    ks: list[PositiveInt] = Field([1, 10], min_length=1, description="k values reported.")
+    timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        5.0, description="Wall-clock limit of one candidate's tests."
+    )
+    cpu_seconds: PositiveInt = Field(5, description="CPU-time limit of one candidate.")
+    memory_mb: PositiveInt = Field(512, description="Address-space limit of one candidate.")
+
+
+class EvalSection(Section):
+    """Periodic evaluation, bounded in cost."""
+
+    every_steps: NonNegInt = Field(80, description="Evaluate every N steps; 0: only at the end.")
     max_batches: PositiveInt = Field(8, description="Validation batches per evaluation.")
     batch_size: PositiveInt | None = Field(None, description="Default: micro_batch_size.")
+    suites: list[Literal["ppl", "compile", "passk"]] = Field(
+        ["ppl"], min_length=1, description="Suites run during training (ppl is required)."
+    )
+    max_time_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.2,
+        description="A periodic compile/passk evaluation is skipped when it would take the "
+        "time spent evaluating above this share of wall time; the final one always runs.",
+    )
+    allow_code_execution: bool = Field(
+        False, description="Opt in to running generated code (needed by the passk suite)."
+    )
+    compile: CompileEvalSection = Field(default_factory=CompileEvalSection)
+    passk: PassAtKSection = Field(default_factory=PassAtKSection)
+
+    @model_validator(mode="after")
+    def _suites_are_runnable(self) -> EvalSection:
+        if "ppl" not in self.suites:
+            raise ValueError(
+                "suites must include 'ppl': validation loss picks the best checkpoint"
+            )
+        if "passk" in self.suites and not self.allow_code_execution:
+            raise ValueError(
+                "the passk suite runs model-generated code; set eval.allow_code_execution: true "
+                "to opt in (see README: pass@k and the code-execution sandbox)"
+            )
+        return self
 
 
 class LoggingSection(Section):
@@ -211,14 +320,92 @@ class SampleSection(Section):
     top_k: NonNegInt = Field(50, description="Sample among the top k tokens; 0 disables.")
 
 
+def _hashtron_subsection(settings_cls: type, where: str) -> type[Section]:
+    """A config section with the keys, defaults and docs of a ``kiln.hashtron.settings`` class.
+
+    The hashtron settings live next to the hashtron code (one frozen dataclass per concern, with
+    a ``DOCS`` table and a ``check`` of the ranges); this derives their schema instead of
+    copying it. Types are strict (``epochs: 2.5`` or ``true`` is not an integer); ranges are
+    checked by the dataclass itself, with the key path.
+    """
+    hints = typing.get_type_hints(settings_cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(settings_cls):
+        default: dict[str, Any] = (
+            {"default_factory": f.default_factory}
+            if f.default is dataclasses.MISSING
+            else {"default": f.default}
+        )
+        fields[f.name] = (
+            Annotated[hints[f.name], Strict()],
+            Field(**default, description=settings_cls.DOCS[f.name]),
+        )
+
+    def check_ranges(section: BaseModel) -> BaseModel:
+        try:
+            settings_cls(**dict(section)).check(where)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return section
+
+    return create_model(
+        f"Hashtron{settings_cls.__name__.removesuffix('Settings')}Section",
+        __base__=Section,
+        __doc__=settings_cls.__doc__,
+        __validators__={"check_ranges": model_validator(mode="after")(check_ranges)},
+        **fields,
+    )
+
+
+HashtronTaskSection = _hashtron_subsection(hashtron_settings.TaskSettings, "hashtron.task")
+HashtronPipelineSection = _hashtron_subsection(
+    hashtron_settings.PipelineSettings, "hashtron.pipeline"
+)
+HashtronCapacitySection = _hashtron_subsection(
+    hashtron_settings.CapacitySettings, "hashtron.capacity"
+)
+HashtronGoldZoneSection = _hashtron_subsection(
+    hashtron_settings.GoldZoneSettings, "hashtron.gold_zone"
+)
+HashtronCacheSection = _hashtron_subsection(hashtron_settings.CacheSettings, "hashtron.cache")
+HashtronAlertsSection = _hashtron_subsection(hashtron_settings.AlertSettings, "hashtron.alerts")
+_LAYERS_DOC = next(
+    f.metadata["doc"]
+    for f in dataclasses.fields(hashtron_settings.HashtronSettings)
+    if f.name == "layers"
+)
+
+
+class HashtronSection(Section):
+    """The hashtron job (``job: hashtron``): a network of hashing neurons trained one neuron
+    per step by the backward (or forward) pipeline. Keys, defaults, docs and range checks come
+    from ``kiln.hashtron.settings``; the layers and the task are checked when the run starts,
+    before its directory is created."""
+
+    task: HashtronTaskSection = Field(default_factory=HashtronTaskSection)
+    layers: list[dict[str, Any]] | None = Field(None, min_length=1, description=_LAYERS_DOC)
+    pipeline: HashtronPipelineSection = Field(default_factory=HashtronPipelineSection)
+    capacity: HashtronCapacitySection = Field(default_factory=HashtronCapacitySection)
+    gold_zone: HashtronGoldZoneSection = Field(default_factory=HashtronGoldZoneSection)
+    cache: HashtronCacheSection = Field(default_factory=HashtronCacheSection)
+    alerts: HashtronAlertsSection = Field(default_factory=HashtronAlertsSection)
+
+    def to_settings(self) -> hashtron_settings.HashtronSettings:
+        """The validated section as the settings object the hashtron pipeline takes."""
+        return hashtron_settings.HashtronSettings.from_dict(self.model_dump())
+
+
 class Config(Section):
     """The whole truth about a run."""
 
     seed: NonNegInt = Field(1337, description="Seeds python, numpy and torch RNGs.")
-    job: Literal["lm"] = Field("lm", description="What is trained.")
+    job: Literal["lm", "hashtron"] = Field(
+        "lm", description="What is trained: lm (the GPT code model) or hashtron."
+    )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
+    objectives: ObjectivesSection = Field(default_factory=ObjectivesSection)
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -229,6 +416,7 @@ class Config(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     sample: SampleSection = Field(default_factory=SampleSection)
+    hashtron: HashtronSection = Field(default_factory=HashtronSection)
 
     def to_yaml(self) -> str:
         """The full resolved config as YAML (the run's snapshot)."""
@@ -342,6 +530,11 @@ def format_validation_error(exc: ValidationError) -> str:
             lines.append(
                 f"  {path}: unknown key (value {err['input']!r}); remove it or fix its spelling"
             )
+            continue
+        if isinstance(err["input"], dict):  # a whole section failed a cross-field check
+            message = _expected(err)
+            named = message.startswith(f"{path}.")  # the check already names the key path
+            lines.append(f"  {message}" if named else f"  {path}: {message}")
             continue
         lines.append(f"  {path}: got {err['input']!r}; expected {_expected(err)}")
     return "\n".join(lines)

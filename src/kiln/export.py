@@ -1,5 +1,8 @@
 """Immutable export bundles: weights, extra files, metadata and a ``SHA256SUMS`` list.
 
+The weights are a torch state dict written as ``model.safetensors``; a job without one (a
+hashtron network) passes ``model_state=None`` and ships its model as one of the files.
+
 A bundle is built in a hidden sibling folder, fsynced, made read-only and only then renamed to
 its final name, so it appears complete and sealed or not at all. ``SHA256SUMS`` uses the
 ``sha256sum`` format, so ``sha256sum -c SHA256SUMS`` inside the bundle checks it without kiln.
@@ -33,14 +36,15 @@ _SUMS_LINE = re.compile(r"([0-9a-f]{64})  (" + _FILE_NAME.pattern + ")")
 def export_bundle(
     to_dir: Path,
     *,
-    model_state: dict[str, torch.Tensor],
+    model_state: dict[str, torch.Tensor] | None,
     files: dict[str, bytes | str],
     metadata: dict[str, Any],
 ) -> Path:
     """Write a sealed bundle to ``to_dir`` (which must not exist or be empty); return it.
 
-    The bundle holds ``model.safetensors`` (no header metadata, so equal weights give identical
-    bytes), each of ``files`` (str is written as UTF-8), ``metadata.json`` and ``SHA256SUMS``;
+    The bundle holds ``model.safetensors`` (unless ``model_state`` is None; no header metadata,
+    so equal weights give identical bytes), each of ``files`` (str is written as UTF-8),
+    ``metadata.json`` and ``SHA256SUMS``;
     files end up mode 0o444 and the folder 0o555. Raises ``ExportError`` on a bad target or name,
     or if writing fails.
     """
@@ -62,14 +66,15 @@ def export_bundle(
         to_dir.parent.mkdir(parents=True, exist_ok=True)
         _remove_tree(tmp)
         tmp.mkdir()
-        tensors = {
-            name: t.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
-            for name, t in model_state.items()
-        }
-        save_file(tensors, tmp / MODEL_FILE, metadata=None)
+        if model_state is not None:
+            tensors = {
+                name: t.detach().to(device="cpu", memory_format=torch.contiguous_format, copy=True)
+                for name, t in model_state.items()
+            }
+            save_file(tensors, tmp / MODEL_FILE, metadata=None)
         for name, data in contents.items():
             (tmp / name).write_bytes(data)
-        names = sorted([MODEL_FILE, *contents])
+        names = sorted([*([MODEL_FILE] if model_state is not None else []), *contents])
         sums = "".join(f"{sha256_file(tmp / name)}  {name}\n" for name in names)
         (tmp / SUMS_FILE).write_text(sums, encoding="utf-8")
         for name in [*names, SUMS_FILE]:

@@ -6,6 +6,7 @@
       train.log              human-readable log
       metrics.jsonl          one JSON object per logged step
       metrics.json           summary: final and best values, steps, tokens, wall time
+      eval/<step>.json       every evaluation's results, with details that rows cannot hold
       checkpoints/           see kiln.checkpoint
 """
 
@@ -130,6 +131,19 @@ class Run:
         self._metrics.close()
 
 
+def write_eval(run_dir: Path, step: int, results: dict[str, Any]) -> Path:
+    """Merge ``results`` into ``eval/<step>.json`` (a later suite run adds to earlier ones)."""
+    path = Path(run_dir) / "eval" / f"{step:08d}.json"
+    path.parent.mkdir(exist_ok=True)
+    try:
+        merged = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        merged = {}
+    merged |= {"step": step, **results}
+    atomic_write(path, json.dumps(merged, indent=2, sort_keys=True))
+    return path
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl; a torn or malformed line (from a crash) is skipped."""
     rows = []
@@ -154,7 +168,8 @@ def read_summary(path: Path) -> dict[str, Any]:
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
-    """One row per run under ``root``: id, job, status, step, last loss, val perplexity."""
+    """One row per run under ``root``: id, job, status, step, last loss, val perplexity and
+    (hashtron runs) eval accuracy."""
     rows = []
     if not root.is_dir():
         return rows
@@ -173,6 +188,7 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
                 "step": summary.get("step"),
                 "loss": summary.get("final_loss"),
                 "val_ppl": summary.get("final_val_ppl"),
+                "eval_acc": summary.get("eval_accuracy"),
             }
         )
     return rows

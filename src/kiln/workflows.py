@@ -1,7 +1,8 @@
 """What each command does, end to end: config -> run -> job -> trainer -> checkpoint -> export.
 
 The CLI only parses arguments and prints; these functions are the commands and are what tests
-call directly.
+call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job``: ``lm`` goes
+through the gradient trainer, ``hashtron`` through its own loop (``kiln.jobs.hashtron``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import safetensors
 import torch
 
@@ -27,9 +29,13 @@ from kiln.config import Config, resolve_config
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, KilnError, RunError
 from kiln.export import export_bundle
-from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer, sample_text
+from kiln.hashtron.multitask import DEFAULT_TASKS, TaskReport, train_tasks
+from kiln.hashtron.tasks import Task
+from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
+from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
+from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.repro import pin_threads, seed_everything, set_determinism
-from kiln.run import SNAPSHOT, Run, read_metrics, read_summary
+from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
 
 Which = Literal["best", "latest"]
 
@@ -44,6 +50,7 @@ class TrainOutcome:
     val_loss: float | None
     val_ppl: float | None
     sample: str | None
+    final_eval: dict[str, float]
 
 
 def prepare_process(config: Config) -> torch.device:
@@ -63,9 +70,12 @@ def prepare_process(config: Config) -> torch.device:
 def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     """Start a new run of ``config`` and train it to the end (or until interrupted)."""
     config = resolve_config(config)
+    # A hashtron task (name, options, data files) and its layers are checked before the run
+    # directory exists, as the schema checks everything else.
+    task = load_task_for(config) if config.job == "hashtron" else None
     run = Run.create(config, echo=echo)
     run.log(f"run {run.id} in {run.path}")
-    return _train_in(run, resume=False)
+    return _train_in(run, resume=False, hashtron_task=task)
 
 
 def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
@@ -77,39 +87,12 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
     return _train_in(run, resume=True)
 
 
-def _train_in(run: Run, *, resume: bool) -> TrainOutcome:
-    config = run.config
+def _train_in(run: Run, *, resume: bool, hashtron_task: Task | None = None) -> TrainOutcome:
+    """Train in ``run`` with its job; a failure or an abort marks the run failed/interrupted."""
     try:
-        device = prepare_process(config)
-        run.log(
-            f"device {device}, {config.hardware.threads} threads, precision "
-            f"{config.precision.dtype}, seed {config.seed}, torch {torch.__version__}"
-        )
-        job = LMJob(config, run.path, device, run.log)
-        trainer = Trainer(config, job, run, device)
-        try:
-            if resume and not trainer.resume_from_checkpoint():
-                run.log("no checkpoint yet: starting from step 0")
-            progress = trainer.fit()
-        finally:
-            job.batches.close()
-        sample = None
-        if run.status() == "completed" and config.sample.max_new_tokens:
-            sample = sample_text(
-                trainer.model,
-                job.tokenizer,
-                config.sample.prompt,
-                max_new_tokens=config.sample.max_new_tokens,
-                temperature=config.sample.temperature,
-                top_k=config.sample.top_k,
-                seed=config.seed,
-                device=device,
-            )
-        _write_summary(run, progress.state_dict())
-        val = progress.last_val
-        return TrainOutcome(
-            run.path, run.status(), progress.step, val.get("val_loss"), val.get("val_ppl"), sample
-        )
+        if run.config.job == "hashtron":
+            return _train_hashtron(run, resume=resume, task=hashtron_task)
+        return _train_lm(run, resume=resume)
     except BaseException as exc:
         if run.status() == "running":
             run.set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -117,6 +100,53 @@ def _train_in(run: Run, *, resume: bool) -> TrainOutcome:
         raise
     finally:
         run.close()
+
+
+def _train_lm(run: Run, *, resume: bool) -> TrainOutcome:
+    """The gradient job: LM data and model through the one training loop, then a sample."""
+    config = run.config
+    device = prepare_process(config)
+    run.log(
+        f"device {device}, {config.hardware.threads} threads, precision "
+        f"{config.precision.dtype}, seed {config.seed}, torch {torch.__version__}"
+    )
+    job = LMJob(config, run.path, device, run.log)
+    trainer = Trainer(config, job, run, device)
+    try:
+        if resume and not trainer.resume_from_checkpoint():
+            run.log("no checkpoint yet: starting from step 0")
+        progress = trainer.fit()
+    finally:
+        job.batches.close()
+    sample = None
+    if run.status() == "completed" and config.sample.max_new_tokens:
+        sample = sample_text(
+            trainer.model,
+            job.tokenizer,
+            config.sample.prompt,
+            max_new_tokens=config.sample.max_new_tokens,
+            temperature=config.sample.temperature,
+            top_k=config.sample.top_k,
+            seed=config.seed,
+        )
+    _write_summary(run, progress.state_dict())
+    val = progress.last_val
+    return TrainOutcome(
+        run.path, run.status(), progress.step, val.get("val_loss"), val.get("val_ppl"), sample,
+        val,
+    )
+
+
+def _train_hashtron(run: Run, *, resume: bool, task: Task | None) -> TrainOutcome:
+    """The hashtron job: its own loop, one neuron per step (no gradients, no sample)."""
+    loop = HashtronLoop(run, task)
+    if resume and not loop.resume_from_checkpoint():
+        run.log("no checkpoint yet: starting from step 0")
+    summary = loop.fit()
+    accuracy = {
+        k: summary[k] for k in ("train_accuracy", "eval_accuracy") if summary[k] is not None
+    }
+    return TrainOutcome(run.path, run.status(), loop.step, None, None, None, accuracy)
 
 
 def _write_summary(run: Run, progress: dict[str, Any]) -> None:
@@ -166,6 +196,13 @@ def load_trained_model(
 ) -> tuple[Run, torch.nn.Module, CheckpointInfo, torch.device]:
     """The run's model with the weights of the chosen checkpoint, ready for inference."""
     run = Run.open(run_dir, echo=False)
+    if run.config.job != "lm":
+        run.close()
+        raise RunError(
+            f"{run.path} is a {run.config.job} run: `kiln eval` and `kiln generate` work on "
+            "lm runs only. A hashtron run's train and eval accuracy are in its metrics.json "
+            "(and per step in metrics.jsonl); `kiln export` writes its network."
+        )
     device = prepare_process(run.config)
     info, state = load_chosen_checkpoint(run.path, which)
     model = build_model(run.config, load_run_tokenizer(run.path).vocab_size)
@@ -173,40 +210,59 @@ def load_trained_model(
     return run, model.to(device).eval(), info, device
 
 
-def evaluate_run(run_dir: Path, which: Which = "latest") -> dict[str, float]:
-    """Validation loss and perplexity of the latest or best checkpoint."""
+def evaluate_run(
+    run_dir: Path,
+    which: Which = "latest",
+    suites: list[str] | None = None,
+    *,
+    allow_code_execution: bool = False,
+) -> dict[str, Any]:
+    """Run evaluation suites (default: the run's ``eval.suites``) on a checkpoint.
+
+    ``allow_code_execution`` opts in to the passk suite for this evaluation, as the run's
+    ``eval.allow_code_execution`` would. Results go to ``eval/<step>.json`` and are returned.
+    """
     run, model, info, device = load_trained_model(run_dir, which)
     try:
-        job = LMJob(run.config, run.path, device, lambda _msg: None)
+        config = run.config.model_copy(deep=True)
+        config.eval.allow_code_execution |= allow_code_execution
+        job = LMJob(config, run.path, device, lambda _msg: None)
         job.batches.close()
-        metrics = job.evaluate(model)
+        results = job.evaluator.run(model, suites or config.eval.suites, budgeted=False)
     finally:
         run.close()
-    return {"step": info.step, **metrics}
+    write_eval(run.path, info.step, {"checkpoint": info.path.name, **results})
+    return {"step": info.step, **results}
 
 
 def generate(
     run_dir: Path,
-    prompt: str,
+    prompt: str | None = None,
     *,
+    fim: tuple[str, str] | None = None,
     max_new_tokens: int | None = None,
     temperature: float | None = None,
     which: Which = "latest",
 ) -> str:
-    """Continue ``prompt`` with the run's model; defaults from the run's ``sample`` section."""
-    run, model, _, device = load_trained_model(run_dir, which)
+    """Continue ``prompt``, or with ``fim=(prefix, suffix)`` write the middle between them.
+
+    Sampling defaults come from the run's ``sample`` section.
+    """
+    if (prompt is None) == (fim is None):
+        raise KilnError("give either a prompt, or a FIM prefix and suffix")
+    run, model, _, _ = load_trained_model(run_dir, which)
     run.close()
     s = run.config.sample
-    return sample_text(
-        model,
-        load_run_tokenizer(run.path),
-        prompt,
-        max_new_tokens=s.max_new_tokens if max_new_tokens is None else max_new_tokens,
-        temperature=s.temperature if temperature is None else temperature,
-        top_k=s.top_k,
-        seed=run.config.seed,
-        device=device,
-    )
+    settings = {
+        "max_new_tokens": s.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        "temperature": s.temperature if temperature is None else temperature,
+        "top_k": s.top_k,
+        "seed": run.config.seed,
+    }
+    tokenizer = load_run_tokenizer(run.path)
+    if fim is not None:
+        return infill_text(model, tokenizer, *fim, **settings)
+    return sample_text(model, tokenizer, prompt, **settings)
 
 
 def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
@@ -226,15 +282,34 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "checkpoint": info.path.name,
         "selected_by": which,
         "step": info.step,
+    }
+    config_text = (run_dir / SNAPSHOT).read_text(encoding="utf-8")
+    if _run_job(run_dir) == "hashtron":
+        # No validation loss: "best" falls back to the latest checkpoint (the final network).
+        metadata |= {
+            "job": "hashtron",
+            "numpy_version": np.__version__,
+            **{k: info.meta.get(k) for k in ("epoch", "train_accuracy", "eval_accuracy")},
+        }
+        files = {NETWORK_FILE: network_file(state), "config.yaml": config_text}
+        return export_bundle(Path(to_dir), model_state=None, files=files, metadata=metadata)
+    metadata |= {
         "tokens_seen": info.meta.get("tokens_seen"),
         "val_loss": info.meta.get("val_loss"),
         "best_val_loss": summary.get("best_val_loss"),
     }
     files = {
         "tokenizer.json": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-        "config.yaml": (run_dir / SNAPSHOT).read_text(encoding="utf-8"),
+        "config.yaml": config_text,
     }
     return export_bundle(Path(to_dir), model_state=state["model"], files=files, metadata=metadata)
+
+
+def _run_job(run_dir: Path) -> str:
+    """The ``job`` of a run's snapshotted config."""
+    run = Run.open(run_dir, echo=False)
+    run.close()
+    return run.config.job
 
 
 def _source_commit() -> str | None:
@@ -251,3 +326,27 @@ def _source_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+# ---------------------------------------------------------------------- hashtron tasks
+
+
+def hashtron_tasks(
+    config: Config, tasks: list[str] | None = None, *, echo: bool = True
+) -> list[TaskReport]:
+    """Train each hashtron task in turn with the config's ``hashtron`` settings and seed.
+
+    ``tasks`` (default: every offline task in ``DEFAULT_TASKS``) replaces
+    ``hashtron.task.name``; each task gets its default options. No run directory is written:
+    the reports are the result, one per task, and a task that fails is reported as failed
+    while the others still run.
+    """
+    def progress(report: TaskReport) -> None:
+        if echo:
+            state = "ok" if report.ok else f"FAILED: {report.error}"
+            print(f"task {report.task}: {state} ({report.seconds:.1f} s)", file=sys.stderr)
+
+    return train_tasks(
+        tasks or list(DEFAULT_TASKS), config.hashtron.to_settings(), config.seed,
+        on_task=progress,
+    )

@@ -8,12 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kiln.config import TokenizerSection
 from kiln.data.tokenizer import (
+    ANSWER,
     EOT,
     FIM_MIDDLE,
     FIM_PREFIX,
     FIM_SUFFIX,
     PAD,
+    REASONING,
     SPECIAL_TOKENS,
     KilnTokenizer,
     train_tokenizer,
@@ -60,18 +63,20 @@ def test_round_trip_any_text(tok: KilnTokenizer, text: str) -> None:
 
 
 def test_special_tokens(tok: KilnTokenizer) -> None:
-    assert SPECIAL_TOKENS == (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
-    assert [tok.token_id(s) for s in SPECIAL_TOKENS] == [0, 1, 2, 3, 4]
+    assert SPECIAL_TOKENS == (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, REASONING, ANSWER)
+    assert [tok.token_id(s) for s in SPECIAL_TOKENS] == list(range(7))
     assert (tok.eot_id, tok.pad_id) == (0, 1)
     assert tok.decode([tok.eot_id]) == EOT
     # Special strings inside source text are plain text, never control tokens.
-    assert not set(tok.encode(f"a {EOT} b {FIM_MIDDLE}")) & set(range(5))
+    assert not set(tok.encode(f"a {EOT} b {FIM_MIDDLE} {ANSWER}")) & set(range(7))
+    # The schema's smallest vocabulary holds the bytes and every special token.
+    assert TokenizerSection.model_fields["vocab_size"].metadata[0].ge == 256 + len(SPECIAL_TOKENS)
     with pytest.raises(ValueError):
         tok.token_id("<|nope|>")
 
 
 def test_vocab_and_batch(tok: KilnTokenizer) -> None:
-    assert 256 + 5 < tok.vocab_size <= 400
+    assert 256 + len(SPECIAL_TOKENS) < tok.vocab_size <= 400
     texts = _texts(5)
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     # Merges were learned: common code compresses well below one token per byte.

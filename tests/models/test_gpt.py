@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.models.gpt import GPT, GPTShape
+from kiln.models.gpt import GPT, GPTShape, LayerCache
 
 SHAPE = GPTShape(
     vocab_size=97, context=16, n_layers=2, n_heads=2, d_model=32, mlp_ratio=4,
@@ -60,8 +60,50 @@ def test_greedy_generation_is_deterministic_and_stops() -> None:
     out2 = model.generate(start, 5, temperature=0.0, top_k=0)
     assert torch.equal(out1, out2) and out1.shape == (1, 8)
     first = int(out1[0, 3])
-    stopped = model.generate(start, 5, temperature=0.0, top_k=0, stop_token=first)
+    stopped = model.generate(start, 5, temperature=0.0, top_k=0, stop_tokens=[first])
     assert stopped.shape == (1, 4)
+
+
+def test_a_batch_stops_when_every_row_has_stopped() -> None:
+    model = make().eval()
+    start = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    free = model.generate(start, 6, temperature=0.0, top_k=0)
+    ends = [int(free[0, 4]), int(free[1, 3])]
+    new = free[:, 3:].tolist()
+    first_stop = [next(i for i, t in enumerate(row) if t in ends) for row in new]
+    out = model.generate(start, 6, temperature=0.0, top_k=0, stop_tokens=ends)
+    assert out.shape == (2, 3 + max(first_stop) + 1)
+    assert torch.equal(out, free[:, : out.shape[1]])
+
+
+def uncached_greedy(model: GPT, idx: torch.Tensor, steps: int) -> torch.Tensor:
+    """Generation as the definition says: the whole (cropped) text through the model each step."""
+    for _ in range(steps):
+        logits = model(idx[:, -model.shape.context :])[:, -1]
+        idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+@pytest.mark.parametrize(("prompt", "steps"), [(3, 10), (3, 20), (16, 4), (20, 3)])
+def test_cached_generation_matches_recomputing_everything(prompt: int, steps: int) -> None:
+    # Double precision so the comparison is about the algorithm, not rounding ties.
+    model = make(seed=4).double().eval()
+    idx = torch.randint(0, 97, (3, prompt), generator=torch.Generator().manual_seed(1))
+    cached = model.generate(idx, steps, temperature=0.0, top_k=0)
+    assert torch.equal(cached, uncached_greedy(model, idx, steps))
+
+
+def test_cache_extends_and_refuses_blocks_after_the_first() -> None:
+    model = make().eval()
+    idx = torch.randint(0, 97, (2, 6))
+    cache = [LayerCache() for _ in model.blocks]
+    first = model(idx[:, :5], cache)
+    assert cache[0].length == 5
+    last = model(idx[:, 5:], cache)[:, -1]
+    assert torch.allclose(last, model(idx)[:, -1], atol=1e-5)
+    assert torch.allclose(first, model(idx[:, :5]), atol=1e-6)
+    with pytest.raises(ValueError, match="one token at a time"):
+        model(idx[:, :2], cache)
 
 
 def test_sampling_uses_the_given_generator_only() -> None:

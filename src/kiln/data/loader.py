@@ -8,6 +8,10 @@ its slice. When fewer positions than one step remain, they are dropped (at most 
 window) and the next epoch begins. Everything a batch holds is a pure function of
 (epoch, position), which is all the state there is: prefetching cannot change results, and a
 state saved under one world size resumes under another at the same global position.
+
+An optional transform turns each window into named arrays (for example the per-token loss
+weights of ``data/objectives.py``); it is called with the window's epoch and id, so it too can
+be a pure function of the cursor.
 """
 
 from __future__ import annotations
@@ -15,14 +19,26 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from kiln.data.shards import TokenStream
 from kiln.errors import DataError
+
+# (window, epoch, window id) -> named arrays of one sample.
+WindowTransform = Callable[[np.ndarray, int, int], dict[str, np.ndarray]]
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+
+class Stream(Protocol):
+    """A token sequence read by ranges: a shard stream or an in-memory array."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, length: int) -> np.ndarray: ...
 
 # Fields that identify the window sequence: a checkpoint is only valid for the same ones.
 _IDENTITY = ("seq_len", "num_windows", "seed", "shuffle")
@@ -31,7 +47,7 @@ _IDENTITY = ("seq_len", "num_windows", "seed", "shuffle")
 @dataclass
 class _Batch:
     ids: list[int]
-    tokens: torch.Tensor
+    samples: Batch
     epoch: int  # cursor after this batch
     position: int
 
@@ -40,7 +56,8 @@ class _Batch:
 class _Schedule:
     """Which windows a rank gets at each (epoch, position), and their tokens."""
 
-    stream: TokenStream
+    stream: Stream
+    transform: WindowTransform | None
     seq_len: int
     num_windows: int
     shuffle: bool
@@ -67,7 +84,12 @@ class _Schedule:
             epoch, position = epoch + 1, 0
         ids = self.order(epoch)[position + self.lo : position + self.hi].tolist()
         rows = [self.stream.read(i * self.seq_len, self.seq_len + 1) for i in ids]
-        return _Batch(ids, torch.from_numpy(np.stack(rows)), epoch, position + self.group)
+        if self.transform is None:
+            samples: Batch = torch.from_numpy(np.stack(rows))
+        else:
+            parts = [self.transform(row, epoch, i) for row, i in zip(rows, ids, strict=True)]
+            samples = {k: torch.from_numpy(np.stack([p[k] for p in parts])) for k in parts[0]}
+        return _Batch(ids, samples, epoch, position + self.group)
 
 
 class _Prefetcher:
@@ -118,7 +140,7 @@ class WindowLoader:
 
     def __init__(
         self,
-        stream: TokenStream,
+        stream: Stream,
         *,
         seq_len: int,
         samples_per_step: int,
@@ -127,6 +149,7 @@ class WindowLoader:
         shuffle: bool,
         seed: int,
         prefetch: int = 2,
+        transform: WindowTransform | None = None,
     ) -> None:
         if seq_len < 1 or samples_per_step < 1 or prefetch < 0 or seed < 0:
             raise ValueError("seq_len and samples_per_step must be >= 1, prefetch and seed >= 0")
@@ -142,6 +165,7 @@ class WindowLoader:
             )
         self._schedule = _Schedule(
             stream=stream,
+            transform=transform,
             seq_len=seq_len,
             num_windows=num_windows,
             shuffle=shuffle,
@@ -164,8 +188,11 @@ class WindowLoader:
         """Windows in one epoch."""
         return self._schedule.num_windows
 
-    def next_batch(self) -> torch.Tensor:
-        """The next ``[samples_per_step, seq_len + 1]`` int64 batch of this rank."""
+    def next_batch(self) -> Batch:
+        """The next ``[samples_per_step, seq_len + 1]`` int64 batch of this rank.
+
+        With a transform, a dict of its arrays stacked over the batch's windows.
+        """
         if self._closed:
             raise RuntimeError("WindowLoader is closed")
         if self._prefetch == 0:
@@ -184,7 +211,7 @@ class WindowLoader:
         self.epoch, self.position = batch.epoch, batch.position
         self.windows_consumed += self._schedule.group
         self.last_batch_window_ids = batch.ids
-        return batch.tokens
+        return batch.samples
 
     def state_dict(self) -> dict[str, Any]:
         """What was handed out so far (never what was prefetched) and what it applies to."""

@@ -36,7 +36,8 @@ from kiln.data.tokenizer import KilnTokenizer, train_tokenizer
 from kiln.errors import DataError
 from kiln.fsio import atomic_write, fsync_path, sha256_file
 
-FORMAT_VERSION = 1
+# 2: the tokenizer reserves the chain-of-thought delimiters as special tokens.
+FORMAT_VERSION = 2
 SPLITS = ("train", "val")
 INDEX = "index.json"
 TOKENIZER = "tokenizer.json"

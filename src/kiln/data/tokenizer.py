@@ -17,8 +17,10 @@ PAD = "<|pad|>"
 FIM_PREFIX = "<|fim_prefix|>"
 FIM_MIDDLE = "<|fim_middle|>"
 FIM_SUFFIX = "<|fim_suffix|>"
-# Reserved first, in this order, so their ids are 0..4 in every tokenizer.
-SPECIAL_TOKENS = (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
+REASONING = "<|reasoning|>"
+ANSWER = "<|answer|>"
+# Reserved first, in this order, so their ids are 0..6 in every tokenizer.
+SPECIAL_TOKENS = (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, REASONING, ANSWER)
 
 
 class KilnTokenizer:

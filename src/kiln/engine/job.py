@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-Batch = torch.Tensor | dict[str, torch.Tensor]
+from kiln.data.loader import Batch
 
 
 class StepBatches(Protocol):
@@ -41,8 +41,12 @@ class TrainableJob(Protocol):
         """Units of throughput in ``batch`` (tokens for a language model)."""
         ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Validation metrics; must include ``val_loss``. Must not touch the global RNGs."""
+    def evaluate(self, model: nn.Module, *, final: bool) -> dict[str, Any]:
+        """Validation results; must include a float ``val_loss``. Must not touch the global RNGs.
+
+        ``final`` marks the evaluation at the end of training, which runs everything configured.
+        Float and int values are metrics; other values (samples, reports) are details.
+        """
         ...
 
 

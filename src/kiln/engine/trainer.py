@@ -7,16 +7,14 @@ affects future results is in the checkpoint, so a resumed run continues bit-exac
 
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from kiln.checkpoint import apply_retention, load_latest_valid, save_checkpoint
+from kiln.checkpoint import apply_retention, checkpoint_due, load_latest_valid, save_checkpoint
 from kiln.config import Config
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
@@ -25,7 +23,8 @@ from kiln.engine.precision import autocast, build_scaler
 from kiln.engine.progress import ProgressDisplay
 from kiln.errors import KilnError
 from kiln.repro import capture_rng_state, restore_rng_state
-from kiln.run import Run
+from kiln.run import Run, write_eval
+from kiln.signals import StopSignals
 
 
 class OutOfMemoryExit(KilnError):
@@ -72,7 +71,6 @@ class Trainer:
         self.scaler = build_scaler(config.precision, device)
         self.progress = Progress(micro_batch_size=config.training.micro_batch_size)
         self.spikes = SpikeDetector(config.logging.memory_spike_ratio)
-        self._stop_signal: int | None = None
         self._last_checkpoint_time = time.monotonic()
         self._saved_step: int | None = None
 
@@ -136,17 +134,17 @@ class Trainer:
     def fit(self) -> Progress:
         """Train to ``max_steps``, or until a signal asks to stop. Returns the final counters."""
         cfg = self.cfg
-        previous_handlers = self._install_signal_handlers()
         display = ProgressDisplay(cfg.training.max_steps, self.progress.step, cfg.logging.progress)
         started = time.monotonic() - self.progress.wall_time
-        try:
+        # SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts.
+        with StopSignals() as stop:
             with display:
                 while self.progress.step < cfg.training.max_steps:
-                    if self._stop_signal is not None:
+                    if stop.received is not None:
                         self.progress.wall_time = time.monotonic() - started
                         self.save()
                         self.run.set_status("interrupted")
-                        self.run.log(f"stopped by signal {self._stop_signal}; resume to continue")
+                        self.run.log(f"stopped by signal {stop.received}; resume to continue")
                         return self.progress
 
                     loader_state, rng = self.job.batches.state_dict(), capture_rng_state()
@@ -171,8 +169,6 @@ class Trainer:
                 self.evaluate()
             if self._saved_step != self.progress.step:
                 self.save()
-        finally:
-            self._restore_signal_handlers(previous_handlers)
         self.run.set_status("completed")
         return self.progress
 
@@ -249,30 +245,40 @@ class Trainer:
     # ------------------------------------------------------------------ periodic work
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics at the current step; tracks the best validation loss."""
+        """Evaluate at the current step; tracks the best validation loss.
+
+        Scalar metrics go to metrics.jsonl and the checkpoint's counters; everything the job
+        returned (per-sample details too) goes to ``eval/<step>.json``.
+        """
+        step = self.progress.step
         self.model.eval()
         try:
             with torch.no_grad(), autocast(self.cfg.precision, self.device):
-                metrics = self.job.evaluate(self.model)
+                results = self.job.evaluate(
+                    self.model, final=step >= self.cfg.training.max_steps
+                )
         finally:
             self.model.train()
-        step = self.progress.step
+        metrics = {
+            k: v for k, v in results.items() if isinstance(v, float | int) and k != "step"
+        }
         self.progress.last_val = {"step": step, **metrics}
         best = self.progress.best_val_loss
         if best is None or metrics["val_loss"] < best:
             self.progress.best_val_loss = metrics["val_loss"]
             self.progress.best_step = step
         self.run.write_metrics({"step": step, "event": "eval", **metrics})
+        write_eval(self.run.path, step, results)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if "skipped_suites" in results:
+            shown += f" (skipped within the time budget: {', '.join(results['skipped_suites'])})"
         self.run.log(f"eval step {step}: {shown}")
         return metrics
 
     def _checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        if every and step % every == 0:
-            return True
-        minutes = self.cfg.checkpoint.every_minutes
-        return bool(minutes) and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
+        c = self.cfg.checkpoint
+        since = time.monotonic() - self._last_checkpoint_time
+        return checkpoint_due(step, c.every_steps, c.every_minutes, since)
 
     def _log_step(self, result: StepResult, tokens_per_sec: float, *, echo: bool) -> None:
         in_use = memory_in_use(self.device)
@@ -301,25 +307,3 @@ class Trainer:
             f"lr {row['lr']:.3g} grad_norm {result.grad_norm:.3g} {tokens_per_sec:,.0f} tok/s"
         )
         self.run.log(line, echo=echo)
-
-    # ------------------------------------------------------------------ signals
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts."""
-
-        def request_stop(signum: int, _frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            # Outside the main thread signal() raises ValueError: the caller owns signals.
-            with contextlib.suppress(ValueError):
-                previous[sig] = signal.signal(sig, request_stop)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -1,21 +1,35 @@
-"""The code language-model job: corpus -> BPE -> token shards -> GPT, next-token loss."""
+"""The code language-model job: corpus -> BPE -> token shards -> GPT; next-token, FIM and CoT."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
 from kiln.data.corpus import Source
-from kiln.data.loader import WindowLoader
+from kiln.data.loader import Stream, WindowLoader, WindowTransform
+from kiln.data.mixture import MixedBatches
+from kiln.data.objectives import (
+    COMPONENTS,
+    CodeWindows,
+    ComponentWeights,
+    CotData,
+    CotWeights,
+    CotWindows,
+    FimSpec,
+    load_cot_records,
+    split_cot_records,
+)
 from kiln.data.shards import TokenData, prepare_token_data
 from kiln.data.tokenizer import KilnTokenizer
-from kiln.eval.perplexity import evaluate_perplexity, validation_windows
+from kiln.errors import ConfigError
+from kiln.eval.perplexity import token_cross_entropy, validation_windows
 from kiln.fsio import atomic_write
+from kiln.jobs.lm_eval import LMEvaluator
 from kiln.models.gpt import GPT, GPTShape
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -57,18 +71,58 @@ def prepare_data(config: Config, log: Callable[[str], None]) -> TokenData:
     )
 
 
-def next_token_loss(
-    model: nn.Module, batch: torch.Tensor
+def weighted_token_loss(
+    model: nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean cross-entropy of predicting window[t+1] from window[:t+1]."""
-    logits = model(batch[:, :-1])  # (B, T, V)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-    return loss, {"next_token": loss}
+    """Every objective's loss from one forward pass over a batch of weighted windows.
+
+    The batch carries step-level normalisers (``data/mixture.py``): the returned loss, weighted
+    by the trainer by this micro-batch's share of samples, sums to the step's weighted mean, and
+    each component to its mean over the step's trained tokens of that component.
+    """
+    ce = token_cross_entropy(model, batch["tokens"])  # (B, T)
+    positions = ce.numel()
+    loss = (ce * batch["weights"]).sum() / positions
+    scaled = ce.detach() * batch["component_scale"]
+    components = batch["components"]
+    present = torch.bincount(components[batch["component_scale"] > 0], minlength=len(COMPONENTS))
+    parts = {
+        name: (scaled * (components == index)).sum() / positions
+        for index, name in enumerate(COMPONENTS)
+        if present[index] > 0
+    }
+    return loss, parts
 
 
-def window_tokens(batch: torch.Tensor) -> int:
+def window_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Predicted tokens in a batch of windows: seq_len per window of seq_len + 1."""
-    return batch.shape[0] * (batch.shape[1] - 1)
+    tokens = batch["tokens"]
+    return tokens.shape[0] * (tokens.shape[1] - 1)
+
+
+def objective_settings(config: Config) -> tuple[ComponentWeights, FimSpec, CotWeights]:
+    """The objectives section as the data transforms take it."""
+    o = config.objectives
+    return (
+        ComponentWeights(o.weights.next_token, o.weights.fim, o.weights.cot),
+        FimSpec(o.fim_rate, o.fim_spm_rate),
+        CotWeights(o.cot.prompt_weight, o.cot.reasoning_weight, o.cot.answer_weight),
+    )
+
+
+def step_split(config: Config) -> tuple[int, int]:
+    """Windows per step (per rank) from the corpus and from the chain-of-thought data."""
+    t = config.training
+    total = t.micro_batch_size * t.grad_accum_steps
+    if config.objectives.cot.path is None:
+        return total, 0
+    cot = max(1, round(config.objectives.cot.fraction * total))
+    if cot >= total:
+        raise ConfigError(
+            f"objectives.cot.fraction {config.objectives.cot.fraction} leaves no corpus windows "
+            f"in a step of {total}; lower it or raise training.micro_batch_size"
+        )
+    return total - cot, cot
 
 
 class LMJob:
@@ -85,19 +139,47 @@ class LMJob:
         if not tokenizer_copy.exists():
             atomic_write(tokenizer_copy, self.tokenizer.to_json_str())
         self.model = build_model(config, self.tokenizer.vocab_size)
-        t = config.training
-        self.batches = WindowLoader(
-            self.data.split("train"),
-            seq_len=config.data.seq_len,
-            samples_per_step=t.micro_batch_size * t.grad_accum_steps,
-            shuffle=config.data.shuffle,
-            seed=config.seed,
-            prefetch=config.data.prefetch,
-        )
+        weights, fim, role_weights = objective_settings(config)
+        seq_len = config.data.seq_len
+        code_windows, cot_windows = step_split(config)
+
+        def loader(stream: Stream, samples: int, transform: WindowTransform) -> WindowLoader:
+            return WindowLoader(
+                stream,
+                seq_len=seq_len,
+                samples_per_step=samples,
+                shuffle=config.data.shuffle,
+                seed=config.seed,
+                prefetch=config.data.prefetch,
+                transform=transform,
+            )
+
         ev = config.eval
-        self.eval_batch_size = ev.batch_size or t.micro_batch_size
-        self.val_windows = validation_windows(
-            self.data.split("val"), config.data.seq_len, ev.max_batches * self.eval_batch_size
+        self.eval_batch_size = ev.batch_size or config.training.micro_batch_size
+        val_count = ev.max_batches * self.eval_batch_size
+        code = CodeWindows(self.tokenizer, weights, fim, config.seed)
+        code_val = CodeWindows(self.tokenizer, weights, fim, config.seed, validation=True)
+        loaders = {"code": loader(self.data.split("train"), code_windows, code)}
+        self.val_windows = [
+            validation_windows(self.data.split("val"), seq_len, val_count, code_val)
+        ]
+        if cot_windows:
+            records = load_cot_records(config.objectives.cot.path)
+            train, val = split_cot_records(records, config.objectives.cot.val_fraction, config.seed)
+            cot_train = CotData.build(self.tokenizer, train)
+            cot_val = CotData.build(self.tokenizer, val)
+            loaders["cot"] = loader(
+                cot_train.stream, cot_windows, CotWindows(cot_train, seq_len, role_weights, weights)
+            )
+            val_cot = CotWindows(cot_val, seq_len, role_weights, weights)
+            self.val_windows.append(
+                validation_windows(cot_val.stream, seq_len, val_count, val_cot)
+            )
+            log(f"chain of thought: {len(train)} train / {len(val)} val records")
+        self.batches = MixedBatches(loaders)
+        self.evaluator = LMEvaluator(
+            config, self.tokenizer, self.val_windows, self.data.split("val"),
+            self.eval_batch_size, device,
         )
         log(
             f"model: GPT {self.model.num_parameters():,} parameters; data: "
@@ -105,47 +187,18 @@ class LMJob:
         )
 
     def loss(
-        self, model: nn.Module, batch: torch.Tensor
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return next_token_loss(model, batch)
+        return weighted_token_loss(model, batch)
 
-    def tokens_in(self, batch: torch.Tensor) -> int:
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
         return window_tokens(batch)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        return evaluate_perplexity(model, self.val_windows, self.eval_batch_size, self.device)
+    def evaluate(self, model: nn.Module, *, final: bool = False) -> dict[str, Any]:
+        """Perplexity always; the generation suites when within the time budget or final."""
+        return self.evaluator.run(model, self.config.eval.suites, budgeted=not final)
 
 
 def load_run_tokenizer(run_dir: Path) -> KilnTokenizer:
     """The tokenizer a run trained with (copied into the run directory at its start)."""
     return KilnTokenizer.load(run_dir / TOKENIZER_FILE)
-
-
-def sample_text(
-    model: GPT,
-    tokenizer: KilnTokenizer,
-    prompt: str,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    seed: int,
-    device: torch.device,
-) -> str:
-    """Continue ``prompt``; a private generator keeps the training RNG streams untouched."""
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            torch.tensor([ids], device=device),
-            max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            generator=generator,
-            stop_token=tokenizer.eot_id,
-        )
-    finally:
-        model.train(was_training)
-    return tokenizer.decode(out[0].tolist())

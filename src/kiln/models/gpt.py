@@ -6,6 +6,7 @@ Shapes in comments: B batch, T sequence, C d_model, H heads, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,25 @@ class GPTShape:
     init_std: float
 
 
+@dataclass
+class LayerCache:
+    """Keys and values of the tokens a layer has already seen, for incremental decoding."""
+
+    k: torch.Tensor | None = None  # (B, H, T_past, C/H)
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values; return all of them."""
+        if self.k is not None and self.v is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, shape: GPTShape) -> None:
         super().__init__()
@@ -38,14 +58,21 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(shape.d_model, shape.d_model, bias=shape.bias)
         self.resid_drop = nn.Dropout(shape.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)  # 3 x (B, T, C)
         # (B, T, C) -> (B, H, T, C/H)
         head = c // self.n_heads
         q, k, v = (z.view(b, t, self.n_heads, head).transpose(1, 2) for z in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            if past and t > 1:
+                raise ValueError("with a filled cache, feed one token at a time")
+            k, v = cache.extend(k, v)  # (B, H, past + T, C/H)
+        # A single new token may see every cached one: only a from-scratch pass needs the mask.
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=past == 0, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, C/H)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_drop(self.proj(y))
@@ -73,8 +100,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(shape.d_model, eps=shape.layernorm_eps, bias=shape.bias)
         self.mlp = MLP(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -105,15 +132,22 @@ class GPT(nn.Module):
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.shape.init_std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, V)."""
+    def forward(self, idx: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V).
+
+        With ``cache`` (one entry per block), ``idx`` continues the tokens the cache has seen,
+        and the cache is extended with them.
+        """
         _, t = idx.shape
-        if t > self.shape.context:
-            raise ValueError(f"sequence of {t} tokens exceeds the context of {self.shape.context}")
-        pos = torch.arange(t, device=idx.device)
+        past = cache[0].length if cache else 0
+        if past + t > self.shape.context:
+            raise ValueError(
+                f"sequence of {past + t} tokens exceeds the context of {self.shape.context}"
+            )
+        pos = torch.arange(past, past + t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache[i] if cache else None)
         return self.head(self.ln_f(x))  # (B, T, V)
 
     def num_parameters(self) -> int:
@@ -129,11 +163,26 @@ class GPT(nn.Module):
         temperature: float,
         top_k: int,
         generator: torch.Generator | None = None,
-        stop_token: int | None = None,
+        stop_tokens: Sequence[int] = (),
     ) -> torch.Tensor:
-        """Extend ``idx`` (1, T) by sampling; greedy when temperature is 0."""
+        """Extend each row of ``idx`` (B, T) by sampling; greedy when temperature is 0.
+
+        Stops early once every row has produced one of ``stop_tokens``; a row that stopped
+        keeps receiving tokens until then, so callers cut each row at its first stop token.
+        """
+        stops = torch.tensor(list(stop_tokens), dtype=idx.dtype, device=idx.device)
+        stopped = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        context = self.shape.context
+        # Keys and values are cached while the text fits the context; past it, the window
+        # slides and every position moves, so each step recomputes the last `context` tokens.
+        cache = [LayerCache() for _ in self.blocks] if idx.shape[1] <= context else None
+        unseen = idx  # tokens the cache has not seen yet
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.shape.context :])[:, -1, :].float()  # (1, V)
+            if cache is not None and cache[0].length + unseen.shape[1] <= context:
+                logits = self(unseen, cache)[:, -1, :].float()  # (B, V)
+            else:
+                cache = None
+                logits = self(idx[:, -context:])[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -144,6 +193,9 @@ class GPT(nn.Module):
                 probs = F.softmax(logits, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
-            if stop_token is not None and int(nxt) == stop_token:
-                break
+            unseen = nxt
+            if len(stops):
+                stopped |= torch.isin(nxt.squeeze(1), stops)
+                if bool(stopped.all()):
+                    break
         return idx

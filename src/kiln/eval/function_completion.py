@@ -1,0 +1,73 @@
+"""Function-completion prompts from held-out code, and where a generated function ends.
+
+A compile-rate prompt is a function's signature line (dedented, so a method becomes a plain
+function) plus its docstring when it has one; the model must write the body. A generated sample
+ends at the first non-blank line back at column 0 (the function is over), at the end of the text,
+or, when generation ran out of tokens, at the last complete line. An empty body therefore does not
+compile: the metric cannot be passed by generating nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Iterable
+
+import numpy as np
+
+_SIGNATURE = re.compile(r"^[ \t]*(async[ \t]+)?def[ \t]+\w+[ \t]*\(.*\).*:[ \t]*(#.*)?$")
+_DOCSTRING_OPEN = re.compile(r'^[ \t]*[rRbBuU]?("""|\'\'\')')
+
+
+def function_prompts(documents: Iterable[str], count: int, seed: int) -> list[str]:
+    """Up to ``count`` prompts drawn (seeded, without replacement) from the documents' functions."""
+    candidates = [p for text in documents for p in _prompts_in(text)]
+    if len(candidates) <= count:
+        return candidates
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return [candidates[i] for i in sorted(rng.choice(len(candidates), count, replace=False))]
+
+
+def _prompts_in(text: str) -> list[str]:
+    lines = text.splitlines()
+    prompts = []
+    for i, line in enumerate(lines):
+        match = _SIGNATURE.match(line)
+        if match is None:
+            continue
+        end = i + 1
+        if end < len(lines) and _DOCSTRING_OPEN.match(lines[end]):
+            end = _docstring_end(lines, end)
+            if end is None:
+                continue
+        prompts.append(textwrap.dedent("\n".join(lines[i:end])) + "\n")
+    return prompts
+
+
+def _docstring_end(lines: list[str], start: int) -> int | None:
+    """Index after the docstring that opens on ``lines[start]``; None if it never closes."""
+    quote = _DOCSTRING_OPEN.match(lines[start]).group(1)  # type: ignore[union-attr]
+    first = lines[start].split(quote, 1)[1]
+    if quote in first:
+        return start + 1
+    for j in range(start + 1, len(lines)):
+        if quote in lines[j]:
+            return j + 1
+    return None
+
+
+def function_sample(prompt: str, completion: str, *, finished: bool) -> str:
+    """``prompt`` plus the part of ``completion`` that belongs to the function's body.
+
+    ``finished`` says generation stopped by itself (end of text) rather than at the token
+    limit; an unfinished completion loses its last, possibly cut, line.
+    """
+    lines = completion.split("\n")
+    if not finished and len(lines) > 1:
+        lines = lines[:-1]
+    body: list[str] = []
+    for line in lines:
+        if body and line.strip() and not line[0].isspace():
+            break  # back at column 0: the function is over
+        body.append(line)
+    return prompt + "\n".join(body).rstrip() + "\n"

@@ -1,0 +1,65 @@
+"""The LM job's loss: every objective from one forward pass, weighted exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.config import load_config
+from kiln.data.mixture import normalize_step
+from kiln.data.objectives import COMPONENTS, COT, FIM, NEXT_TOKEN
+from kiln.errors import ConfigError
+from kiln.jobs.lm import step_split, weighted_token_loss
+from kiln.models.gpt import GPT, GPTShape
+
+
+def tiny_gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTShape(vocab_size=50, context=16, n_layers=1, n_heads=2, d_model=16,
+                        mlp_ratio=2, dropout=0.0, bias=True, layernorm_eps=1e-5, init_std=0.02))
+
+
+def test_all_components_come_from_one_forward_pass() -> None:
+    model = tiny_gpt()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 50, (6, 13), generator=g)
+    components = torch.tensor([NEXT_TOKEN, FIM, COT]).repeat_interleave(4).repeat(6, 1)
+    weights = torch.rand(6, 12, generator=g)
+    weights[:, :2] = 0.0  # untrained positions, like padding or CoT prompts
+    batch = normalize_step({"tokens": tokens, "weights": weights, "components": components})
+
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    loss, parts = weighted_token_loss(model, batch)
+    assert len(calls) == 1
+    assert set(parts) == set(COMPONENTS)
+
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+        ce = F.cross_entropy(logits.reshape(-1, 50), tokens[:, 1:].reshape(-1), reduction="none")
+    ce = ce.view(6, 12)
+    expected = float((ce * weights).sum() / weights.sum())
+    assert loss.detach().item() == pytest.approx(expected, rel=1e-5)
+    for index, name in enumerate(COMPONENTS):
+        trained = (components == index) & (weights > 0)
+        assert parts[name].item() == pytest.approx(float(ce[trained].mean()), rel=1e-5)
+    loss.backward()
+    assert model.tok_emb.weight.grad is not None
+
+
+def test_components_absent_from_a_batch_are_not_reported() -> None:
+    tokens = torch.randint(0, 50, (2, 9))
+    batch = normalize_step({"tokens": tokens, "weights": torch.ones(2, 8),
+                            "components": torch.full((2, 8), COT)})
+    _, parts = weighted_token_loss(tiny_gpt(), batch)
+    assert set(parts) == {"cot"}
+
+
+def test_step_split_between_corpus_and_cot() -> None:
+    assert step_split(load_config("smoke")) == (8, 0)
+    cfg = load_config("smoke", ["objectives.cot.path=examples", "objectives.cot.fraction=0.25"])
+    assert step_split(cfg) == (6, 2)
+    tiny = load_config("smoke", ["objectives.cot.path=examples", "training.micro_batch_size=1"])
+    with pytest.raises(ConfigError, match="leaves no corpus windows"):
+        step_split(tiny)
