@@ -48,11 +48,6 @@ class MixedBatches:
         keys = parts[0].keys()
         return normalize_step({k: torch.cat([p[k] for p in parts]) for k in keys})
 
-    @property
-    def last_batch_window_ids(self) -> dict[str, list[int]]:
-        """The window ids of the last step, per loader (for tests and data audits)."""
-        return {name: loader.last_batch_window_ids for name, loader in self.loaders.items()}
-
     def state_dict(self) -> dict[str, Any]:
         return {name: loader.state_dict() for name, loader in self.loaders.items()}
 

@@ -51,9 +51,6 @@ class ComponentWeights:
     fim: float = 1.0
     cot: float = 1.0
 
-    def of(self, component: int) -> float:
-        return (self.next_token, self.fim, self.cot)[component]
-
 
 @dataclass(frozen=True)
 class FimSpec:

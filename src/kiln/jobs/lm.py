@@ -85,7 +85,10 @@ def weighted_token_loss(
     loss = (ce * batch["weights"]).sum() / positions
     scaled = ce.detach() * batch["component_scale"]
     components = batch["components"]
-    present = torch.bincount(components[batch["component_scale"] > 0], minlength=len(COMPONENTS))
+    # One host read for all components: which of them this micro-batch trains at all.
+    present = torch.bincount(
+        components[batch["component_scale"] > 0], minlength=len(COMPONENTS)
+    ).tolist()
     parts = {
         name: (scaled * (components == index)).sum() / positions
         for index, name in enumerate(COMPONENTS)
@@ -154,14 +157,15 @@ class LMJob:
                 transform=transform,
             )
 
+        train_stream, val_stream = self.data.split("train"), self.data.split("val")
         ev = config.eval
-        self.eval_batch_size = ev.batch_size or config.training.micro_batch_size
-        val_count = ev.max_batches * self.eval_batch_size
+        eval_batch_size = ev.batch_size or config.training.micro_batch_size
+        val_count = ev.max_batches * eval_batch_size
         code = CodeWindows(self.tokenizer, weights, fim, config.seed)
         code_val = CodeWindows(self.tokenizer, weights, fim, config.seed, validation=True)
-        loaders = {"code": loader(self.data.split("train"), code_windows, code)}
-        self.val_windows = [
-            validation_windows(self.data.split("val"), seq_len, val_count, code_val)
+        loaders = {"code": loader(train_stream, code_windows, code)}
+        val_windows = [
+            validation_windows(val_stream, seq_len, val_count, code_val)
         ]
         if cot_windows:
             records = load_cot_records(config.objectives.cot.path)
@@ -172,18 +176,17 @@ class LMJob:
                 cot_train.stream, cot_windows, CotWindows(cot_train, seq_len, role_weights, weights)
             )
             val_cot = CotWindows(cot_val, seq_len, role_weights, weights)
-            self.val_windows.append(
+            val_windows.append(
                 validation_windows(cot_val.stream, seq_len, val_count, val_cot)
             )
             log(f"chain of thought: {len(train)} train / {len(val)} val records")
         self.batches = MixedBatches(loaders)
         self.evaluator = LMEvaluator(
-            config, self.tokenizer, self.val_windows, self.data.split("val"),
-            self.eval_batch_size, device,
+            config, self.tokenizer, val_windows, val_stream, eval_batch_size, device
         )
         log(
             f"model: GPT {self.model.num_parameters():,} parameters; data: "
-            f"{len(self.data.split('train')):,} train / {len(self.data.split('val')):,} val tokens"
+            f"{len(train_stream):,} train / {len(val_stream):,} val tokens"
         )
 
     def loss(
