@@ -58,7 +58,7 @@ def test_train_writes_a_complete_run_directory(smoke_config: ConfigFactory) -> N
     evals = [r for r in read_metrics(run) if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [10, 20, 30]
     assert outcome.val_ppl == pytest.approx(evals[-1]["val_ppl"])
-    assert outcome.sample and outcome.sample.startswith("def ")
+    assert outcome.report and outcome.report.startswith("sample:\ndef ")
     assert "threads" in (run / "config_snapshot.yaml").read_text()
     assert [c.step for c in list_checkpoints(run / "checkpoints")] == [10, 20, 30]
 

@@ -187,8 +187,8 @@ def _report(outcome: TrainOutcome) -> int:
                     if k == "compile_rate" or k.startswith("pass@")}
     if code_metrics:
         print(", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in code_metrics.items()))
-    if outcome.sample is not None:
-        print("sample:\n" + outcome.sample)
+    if outcome.report is not None:
+        print(outcome.report)
     return 0
 
 

@@ -1,8 +1,9 @@
 """What each command does, end to end: config -> run -> job -> trainer -> checkpoint -> export.
 
 The CLI only parses arguments and prints; these functions are the commands and are what tests
-call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job``: ``lm`` goes
-through the gradient trainer, ``hashtron`` through its own loop (``kiln.jobs.hashtron``).
+call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job``: gradient jobs
+(``kiln.jobs.registry``) go through the one trainer, ``hashtron`` through its own loop
+(``kiln.jobs.hashtron``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from kiln.hashtron.tasks import Task
 from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
 from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
 from kiln.jobs.lm_sampling import infill_text, sample_text
+from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
 
@@ -49,7 +51,7 @@ class TrainOutcome:
     step: int
     val_loss: float | None
     val_ppl: float | None
-    sample: str | None
+    report: str | None
     final_eval: dict[str, float]
 
 
@@ -92,7 +94,7 @@ def _train_in(run: Run, *, resume: bool, hashtron_task: Task | None = None) -> T
     try:
         if run.config.job == "hashtron":
             return _train_hashtron(run, resume=resume, task=hashtron_task)
-        return _train_lm(run, resume=resume)
+        return _train_gradient(run, resume=resume)
     except BaseException as exc:
         if run.status() == "running":
             run.set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -102,37 +104,27 @@ def _train_in(run: Run, *, resume: bool, hashtron_task: Task | None = None) -> T
         run.close()
 
 
-def _train_lm(run: Run, *, resume: bool) -> TrainOutcome:
-    """The gradient job: LM data and model through the one training loop, then a sample."""
+def _train_gradient(run: Run, *, resume: bool) -> TrainOutcome:
+    """A gradient job through the one training loop, then the job's closing report."""
     config = run.config
     device = prepare_process(config)
     run.log(
         f"device {device}, {config.hardware.threads} threads, precision "
         f"{config.precision.dtype}, seed {config.seed}, torch {torch.__version__}"
     )
-    job = LMJob(config, run.path, device, run.log)
+    job = build_gradient_job(config, run.path, device, run.log)
     trainer = Trainer(config, job, run, device)
     try:
         if resume and not trainer.resume_from_checkpoint():
             run.log("no checkpoint yet: starting from step 0")
         progress = trainer.fit()
     finally:
-        job.batches.close()
-    sample = None
-    if run.status() == "completed" and config.sample.max_new_tokens:
-        sample = sample_text(
-            trainer.model,
-            job.tokenizer,
-            config.sample.prompt,
-            max_new_tokens=config.sample.max_new_tokens,
-            temperature=config.sample.temperature,
-            top_k=config.sample.top_k,
-            seed=config.seed,
-        )
+        job.close()
+    report = job.final_report(trainer.model) if run.status() == "completed" else None
     _write_summary(run, progress.state_dict())
     val = progress.last_val
     return TrainOutcome(
-        run.path, run.status(), progress.step, val.get("val_loss"), val.get("val_ppl"), sample,
+        run.path, run.status(), progress.step, val.get("val_loss"), val.get("val_ppl"), report,
         val,
     )
 
@@ -227,7 +219,7 @@ def evaluate_run(
         config = run.config.model_copy(deep=True)
         config.eval.allow_code_execution |= allow_code_execution
         job = LMJob(config, run.path, device, lambda _msg: None)
-        job.batches.close()
+        job.close()
         results = job.evaluator.run(model, suites or config.eval.suites, budgeted=False)
     finally:
         run.close()

@@ -49,6 +49,14 @@ class TrainableJob(Protocol):
         """
         ...
 
+    def final_report(self, model: nn.Module) -> str | None:
+        """Text shown when training completes (the LM prints a code sample), or None."""
+        ...
+
+    def close(self) -> None:
+        """Release what the job holds open (loader threads, files)."""
+        ...
+
 
 def batch_size(batch: Batch) -> int:
     """Samples in a batch (its leading dimension)."""

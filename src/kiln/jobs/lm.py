@@ -30,6 +30,7 @@ from kiln.errors import ConfigError
 from kiln.eval.perplexity import token_cross_entropy, validation_windows
 from kiln.fsio import atomic_write
 from kiln.jobs.lm_eval import LMEvaluator
+from kiln.jobs.lm_sampling import sample_text
 from kiln.models.gpt import GPT, GPTShape
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -200,6 +201,24 @@ class LMJob:
     def evaluate(self, model: nn.Module, *, final: bool = False) -> dict[str, Any]:
         """Perplexity always; the generation suites when within the time budget or final."""
         return self.evaluator.run(model, self.config.eval.suites, budgeted=not final)
+
+    def final_report(self, model: nn.Module) -> str | None:
+        """A code sample from the trained model, as configured in ``sample``."""
+        sample = self.config.sample
+        if not sample.max_new_tokens:
+            return None
+        return "sample:\n" + sample_text(
+            model,
+            self.tokenizer,
+            sample.prompt,
+            max_new_tokens=sample.max_new_tokens,
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            seed=self.config.seed,
+        )
+
+    def close(self) -> None:
+        self.batches.close()
 
 
 def load_run_tokenizer(run_dir: Path) -> KilnTokenizer:
