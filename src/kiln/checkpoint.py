@@ -2,7 +2,9 @@
 
 Layout: ``<ckpt_root>/step_<8-digit step>/`` holding ``state.safetensors`` (every tensor of the
 state), ``state.json`` (the skeleton from ``state_codec`` plus ``meta``) and ``manifest.json``
-(written last: sizes and sha256 of both files). A checkpoint is built in a ``.tmp-*`` sibling,
+(written last: sizes and sha256 of every other file; an FSDP checkpoint also holds the
+torch.distributed.checkpoint shards of the model and optimizer under ``sharded/``, see
+``kiln.sharded_checkpoint``). A checkpoint is built in a ``.tmp-*`` sibling,
 fsynced, then renamed into place, so a kill at any instant leaves either no checkpoint for that
 step or a complete one. ``.tmp-*`` and ``.old-*`` folders are leftovers that retention removes.
 """
@@ -42,11 +44,21 @@ class CheckpointInfo:
     meta: dict
 
 
-def save_checkpoint(ckpt_root: Path, step: int, state: Any, meta: dict) -> Path:
+def staging_dir(ckpt_root: Path, step: int, tag: str) -> Path:
+    """The temporary folder in which several processes build the checkpoint for ``step``."""
+    return Path(ckpt_root) / f".tmp-step_{step:08d}-{tag}"
+
+
+def save_checkpoint(
+    ckpt_root: Path, step: int, state: Any, meta: dict, *, staged: Path | None = None
+) -> Path:
     """Write ``state`` and ``meta`` atomically as the checkpoint for ``step``; return its folder.
 
-    An existing checkpoint for the same step is replaced only once the new one is complete.
-    Raises ``CheckpointError`` if the files cannot be written (no temporary folder is left).
+    ``staged`` is a ``staging_dir`` that already holds files written by other processes (the
+    shards of a sharded checkpoint): they are checksummed in the manifest and published with
+    the rest. An existing checkpoint for the same step is replaced only once the new one is
+    complete. Raises ``CheckpointError`` if the files cannot be written (no temporary folder is
+    left).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -56,19 +68,23 @@ def save_checkpoint(ckpt_root: Path, step: int, state: Any, meta: dict) -> Path:
         {"format_version": FORMAT_VERSION, "meta": meta, "skeleton": skeleton}
     )
     final = ckpt_root / f"step_{step:08d}"
-    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = staged or ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     try:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        _remove_tree(tmp)
-        tmp.mkdir()
+        if staged is None:
+            _remove_tree(tmp)
+            tmp.mkdir()
         save_file(tensors, tmp / TENSORS_FILE)
         fsync_path(tmp / TENSORS_FILE)
         atomic_write(tmp / SKELETON_FILE, skeleton_text)
+        names = sorted(
+            f.relative_to(tmp).as_posix() for f in tmp.rglob("*") if f.is_file()
+        )
         manifest = {
             "format_version": FORMAT_VERSION,
             "step": step,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "files": {name: _describe(tmp / name) for name in (TENSORS_FILE, SKELETON_FILE)},
+            "files": {name: _describe(tmp / name) for name in names},
             "meta": meta,
         }
         atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -28,9 +29,11 @@ def _parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override one config value; repeatable",
     )
+    _nproc_option(p)
 
     p = sub.add_parser("resume", help="continue a run from its latest valid checkpoint")
     p.add_argument("run_dir", type=Path)
+    _nproc_option(p)
 
     p = sub.add_parser("runs", help="table of runs under a folder")
     p.add_argument("root", type=Path, nargs="?", default=Path("experiments"))
@@ -78,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("configs", help="list the packaged configs")
     return parser
+
+
+def _nproc_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc", type=int, metavar="N",
+        help="start N processes on this machine with torchrun (strategy ddp or fsdp)",
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -172,7 +182,12 @@ def _generate(args: argparse.Namespace, workflows: ModuleType) -> None:
 
 
 def _report(outcome: TrainOutcome) -> int:
-    """Print the end of a training command; exit 130 if a signal stopped it."""
+    """Print the end of a training command; exit 130 if a signal stopped it.
+
+    Of several data-parallel processes only rank 0 prints.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return 130 if outcome.status == "interrupted" else 0
     print(f"run directory: {outcome.run_dir}")
     print(f"status: {outcome.status} at step {outcome.step}")
     if outcome.status == "interrupted":
@@ -213,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kiln` command."""
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "nproc", None) is not None:
+            from kiln import launch
+
+            if not launch.under_torchrun():
+                launch.exec_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
         return _run(args)
     except KilnError as exc:
         if args.debug:

@@ -220,9 +220,27 @@ class HardwareSection(Section):
 
 
 class StrategySection(Section):
-    """How the loop is placed. More strategies arrive with their own issues."""
+    """How the loop is placed: one process, or data parallel over torch.distributed ranks."""
 
-    name: Literal["single"] = Field("single", description="single: one process, one device.")
+    name: Literal["single", "ddp", "fsdp"] = Field(
+        "single",
+        description="single: one process, one device; ddp: DistributedDataParallel replicas; "
+        "fsdp: FSDP2 fully_shard (parameters, gradients and optimizer state sharded).",
+    )
+    world_size: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="Ranks the global batch is planned for (global batch = micro_batch_size x "
+        "grad_accum_steps x world_size); 'auto' records the launched world size at start. A "
+        "resume with another world size keeps this global batch.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: Annotated[float, Field(gt=0.0)] = Field(
+        300.0,
+        description="Collective timeout: a rank that dies or hangs fails the job after at most "
+        "this long (must exceed the slowest checkpoint save or evaluation).",
+    )
 
 
 class CheckpointSection(Section):
@@ -305,6 +323,11 @@ class LoggingSection(Section):
     """Metrics cadence, progress display and memory spike detection."""
 
     every_steps: PositiveInt = Field(10, description="Write a metrics row every N steps.")
+    sample_ids: bool = Field(
+        False,
+        description="Debug aid: each rank appends the window ids it trains on per step to "
+        "samples/rank<r>.jsonl.",
+    )
     progress: bool = Field(True, description="Show a progress bar on a terminal.")
     memory_spike_ratio: Annotated[float, Field(gt=1.0)] = Field(
         1.25, description="Log a spike when memory exceeds this multiple of its running peak."
@@ -417,6 +440,28 @@ class Config(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     hashtron: HashtronSection = Field(default_factory=HashtronSection)
+
+    @model_validator(mode="after")
+    def _strategy_fits_job(self) -> Config:
+        name = self.strategy.name
+        if name == "single":
+            return self
+        if self.job == "hashtron":
+            raise ValueError(
+                f"strategy.name: {name} trains gradient jobs only; the hashtron job runs in one "
+                "process (set strategy.name: single)"
+            )
+        if name == "fsdp" and (self.optimizer.l1 or self.optimizer.l2):
+            raise ValueError(
+                "strategy.name: fsdp does not support optimizer.l1/l2 (the explicit terms are "
+                "computed on whole parameters); set them to 0 or use strategy.name: ddp"
+            )
+        if name == "fsdp" and set(self.eval.suites) - {"ppl"}:
+            raise ValueError(
+                "strategy.name: fsdp evaluates ppl only during training (every rank must run "
+                "the same forwards); set eval.suites: [ppl] and run `kiln eval` on the run"
+            )
+        return self
 
     def to_yaml(self) -> str:
         """The full resolved config as YAML (the run's snapshot)."""

@@ -27,6 +27,16 @@ from kiln.checkpoint import (
     load_latest_valid,
 )
 from kiln.config import Config, resolve_config
+from kiln.engine.distributed import (
+    Local,
+    check_world,
+    create_run,
+    global_batch_size,
+    partition,
+    resolve_world,
+    run_class,
+    session,
+)
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, KilnError, RunError
 from kiln.export import export_bundle
@@ -38,6 +48,7 @@ from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
+from kiln.sharded_checkpoint import with_full_model
 
 Which = Literal["best", "latest"]
 
@@ -75,26 +86,35 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     # A hashtron task (name, options, data files) and its layers are checked before the run
     # directory exists, as the schema checks everything else.
     task = load_task_for(config) if config.job == "hashtron" else None
-    run = Run.create(config, echo=echo)
-    run.log(f"run {run.id} in {run.path}")
-    return _train_in(run, resume=False, hashtron_task=task)
+    with session(config) as placement:
+        config = resolve_world(config, placement)
+        run = create_run(config, placement, echo=echo)
+        run.log(f"run {run.id} in {run.path}")
+        return _train_in(run, resume=False, hashtron_task=task, placement=placement)
 
 
 def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
-    """Continue a run from its latest valid checkpoint, with its snapshotted config."""
-    run = Run.open(run_dir, echo=echo)
+    """Continue a run from its latest valid checkpoint, with its snapshotted config.
+
+    A data-parallel run may resume under another world size (see ``check_world``).
+    """
+    run = run_class().open(run_dir, echo=echo)
     if run.status() == "completed":
         raise RunError(f"run {run.path} is already completed; nothing to resume")
-    run.set_status("running")
-    return _train_in(run, resume=True)
+    with session(run.config) as placement:
+        check_world(run.config, placement)
+        run.set_status("running")
+        return _train_in(run, resume=True, placement=placement)
 
 
-def _train_in(run: Run, *, resume: bool, hashtron_task: Task | None = None) -> TrainOutcome:
+def _train_in(
+    run: Run, *, resume: bool, hashtron_task: Task | None = None, placement: Local
+) -> TrainOutcome:
     """Train in ``run`` with its job; a failure or an abort marks the run failed/interrupted."""
     try:
         if run.config.job == "hashtron":
             return _train_hashtron(run, resume=resume, task=hashtron_task)
-        return _train_gradient(run, resume=resume)
+        return _train_gradient(run, resume=resume, placement=placement)
     except BaseException as exc:
         if run.status() == "running":
             run.set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
@@ -104,23 +124,34 @@ def _train_in(run: Run, *, resume: bool, hashtron_task: Task | None = None) -> T
         run.close()
 
 
-def _train_gradient(run: Run, *, resume: bool) -> TrainOutcome:
+def _train_gradient(run: Run, *, resume: bool, placement: Local) -> TrainOutcome:
     """A gradient job through the one training loop, then the job's closing report."""
     config = run.config
-    device = prepare_process(config)
+    device = placement.device(prepare_process(config))
     run.log(
         f"device {device}, {config.hardware.threads} threads, precision "
         f"{config.precision.dtype}, seed {config.seed}, torch {torch.__version__}"
     )
-    job = build_gradient_job(config, run.path, device, run.log)
-    trainer = Trainer(config, job, run, device)
+    where = placement.describe()
+    run.log(
+        f"strategy {where['strategy']}: world size {where['world_size']}, backend "
+        f"{where['backend']}, global batch {global_batch_size(config)} windows per step"
+    )
+    with placement.main_first():  # rank 0 builds the shared data cache, the others reuse it
+        job = build_gradient_job(config, run.path, device, run.log)
+    batches = job.batches = partition(job.batches, config, run, placement)
+    trainer = Trainer(config, job, run, device, placement)
     try:
         if resume and not trainer.resume_from_checkpoint():
             run.log("no checkpoint yet: starting from step 0")
+        batches.begin(trainer.progress.step)
         progress = trainer.fit()
     finally:
         job.close()
-    report = job.final_report(trainer.model) if run.status() == "completed" else None
+    # Decided from the counters, not the status file, so that every rank agrees: an FSDP model
+    # needs all ranks in each forward of the sample.
+    completed = progress.step >= config.training.max_steps
+    report = job.final_report(trainer.model) if completed else None
     _write_summary(run, progress.state_dict())
     val = progress.last_val
     return TrainOutcome(
@@ -168,8 +199,14 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
     """Load the best (lowest validation loss, ties to the later step) or latest valid checkpoint.
 
     Without any scored checkpoint, "best" falls back to the latest. Each file is verified once,
-    while loading; a newer checkpoint that fails is reported on stderr and skipped.
+    while loading; a newer checkpoint that fails is reported on stderr and skipped. The model
+    weights of a sharded (FSDP) checkpoint are consolidated into ``state["model"]``.
     """
+    info, state = _load_chosen(run_dir, which)
+    return info, with_full_model(info.path, state)
+
+
+def _load_chosen(run_dir: Path, which: Which) -> tuple[CheckpointInfo, dict[str, Any]]:
     ckpt_root = Path(run_dir) / "checkpoints"
     if which == "best":
         scored = [i for i in list_checkpoints(ckpt_root) if i.meta.get("val_loss") is not None]

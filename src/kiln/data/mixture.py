@@ -48,6 +48,14 @@ class MixedBatches:
         keys = parts[0].keys()
         return normalize_step({k: torch.cat([p[k] for p in parts]) for k in keys})
 
+    def window_ids(self) -> list[list[str | int]]:
+        """``[loader name, window id]`` of each row of the last batch, in row order."""
+        return [
+            [name, window]
+            for name, loader in self.loaders.items()
+            for window in loader.last_batch_window_ids
+        ]
+
     def state_dict(self) -> dict[str, Any]:
         return {name: loader.state_dict() for name, loader in self.loaders.items()}
 

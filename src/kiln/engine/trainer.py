@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from kiln.checkpoint import apply_retention, checkpoint_due, load_latest_valid, save_checkpoint
+from kiln.checkpoint import apply_retention, checkpoint_due
 from kiln.config import Config
+from kiln.engine.distributed import Local
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
 from kiln.engine.optim import build_optimizer, build_scheduler, regularization_terms
@@ -58,14 +59,27 @@ class StepResult:
 
 
 class Trainer:
-    """Trains a job under a config, writing into a run directory."""
+    """Trains a job under a config, writing into a run directory.
 
-    def __init__(self, config: Config, job: TrainableJob, run: Run, device: torch.device) -> None:
+    ``placement`` (default: one process) says where the loop runs; ``self.model`` is the
+    plain module (state, evaluation) and ``self.train_model`` what the training forward calls.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        job: TrainableJob,
+        run: Run,
+        device: torch.device,
+        placement: Local | None = None,
+    ) -> None:
         self.cfg = config
         self.job = job
         self.run = run
         self.device = device
+        self.placement = placement or Local()
         self.model = job.model.to(device)
+        self.train_model = self.placement.wrap(self.model)
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.training.max_steps)
         self.scaler = build_scaler(config.precision, device)
@@ -79,8 +93,7 @@ class Trainer:
     def state_dict(self, loader_state: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
         """The union of every component's state: exactly what a checkpoint holds."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.placement.model_state(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
@@ -89,8 +102,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.placement.load_model_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.job.batches.load_state_dict(state["loader"])
@@ -99,7 +111,9 @@ class Trainer:
 
     def resume_from_checkpoint(self) -> bool:
         """Load the latest valid checkpoint, if any; True if one was loaded."""
-        found = load_latest_valid(self.run.checkpoints, warn=self.run.log)
+        found = self.placement.load_latest_valid(
+            self.run.checkpoints, self.run.log, self.model, self.optimizer
+        )
         if found is None:
             return False
         info, state = found
@@ -117,16 +131,19 @@ class Trainer:
             "tokens_seen": self.progress.tokens_seen,
             "val_loss": val.get("val_loss"),
             "config_fingerprint": self.cfg.fingerprint(),
+            **self.placement.describe(),
         }
         state = self.state_dict(
             loader_state if loader_state is not None else self.job.batches.state_dict(),
             rng if rng is not None else capture_rng_state(),
         )
-        path = save_checkpoint(self.run.checkpoints, step, state, meta)
-        protect = {self.progress.best_step} if self.cfg.checkpoint.keep_best else set()
-        apply_retention(self.run.checkpoints, self.cfg.checkpoint.keep_last, protect - {None})
+        path = self.placement.save_checkpoint(self.run.checkpoints, step, state, meta)
         self._last_checkpoint_time = time.monotonic()
         self._saved_step = step
+        if path is None:  # another rank published it
+            return
+        protect = {self.progress.best_step} if self.cfg.checkpoint.keep_best else set()
+        apply_retention(self.run.checkpoints, self.cfg.checkpoint.keep_last, protect - {None})
         self.run.log(f"checkpoint {path.name}")
 
     # ------------------------------------------------------------------ the loop
@@ -134,13 +151,18 @@ class Trainer:
     def fit(self) -> Progress:
         """Train to ``max_steps``, or until a signal asks to stop. Returns the final counters."""
         cfg = self.cfg
-        display = ProgressDisplay(cfg.training.max_steps, self.progress.step, cfg.logging.progress)
+        display = ProgressDisplay(
+            cfg.training.max_steps,
+            self.progress.step,
+            cfg.logging.progress and self.placement.is_main,
+        )
         started = time.monotonic() - self.progress.wall_time
         # SIGINT/SIGTERM finish the current step, checkpoint and stop; a second one aborts.
         with StopSignals() as stop:
             with display:
                 while self.progress.step < cfg.training.max_steps:
-                    if stop.received is not None:
+                    # Every rank stops at the same step, whichever rank got the signal.
+                    if self.placement.any(stop.received is not None):
                         self.progress.wall_time = time.monotonic() - started
                         self.save()
                         self.run.set_status("interrupted")
@@ -153,7 +175,7 @@ class Trainer:
                     result = self._step_with_oom_retry(batch, loader_state, rng)
                     elapsed = time.perf_counter() - t0
                     self.progress.step += 1
-                    tokens = self.job.tokens_in(batch)
+                    tokens = self.job.tokens_in(batch) * self.placement.world_size
                     self.progress.tokens_seen += tokens
                     self.progress.wall_time = time.monotonic() - started
 
@@ -185,6 +207,8 @@ class Trainer:
             try:
                 return self._train_step(batch)
             except torch.OutOfMemoryError:
+                if self.placement.world_size > 1:
+                    raise  # ranks cannot change their micro-batch alone: the job fails
                 self.optimizer.zero_grad(set_to_none=True)
                 micro = self.progress.micro_batch_size
                 self.run.log(
@@ -215,12 +239,15 @@ class Trainer:
         total = batch_size(batch)
         # Detached running sums: one host sync per step instead of one per micro-batch.
         sums: dict[str, torch.Tensor] = {}
-        for micro in split_batch(batch, self.progress.micro_batch_size):
+        micros = split_batch(batch, self.progress.micro_batch_size)
+        for index, micro in enumerate(micros):
             micro = batch_to(micro, self.device)
             weight = batch_size(micro) / total
-            with autocast(self.cfg.precision, self.device):
-                loss, parts = self.job.loss(self.model, micro)
-            self.scaler.scale(loss * weight).backward()
+            last = index == len(micros) - 1
+            with self.placement.accumulating(self.train_model, sync=last):
+                with autocast(self.cfg.precision, self.device):
+                    loss, parts = self.job.loss(self.train_model, micro)
+                self.scaler.scale(loss * weight).backward()
             for name, value in {"loss": loss, **parts}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float() * weight
 
@@ -239,7 +266,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        values = {name: value.item() for name, value in sums.items()}
+        values = self.placement.reduce_mean({name: value.item() for name, value in sums.items()})
         return StepResult(values.pop("loss"), values, float(grad_norm))
 
     # ------------------------------------------------------------------ periodic work
@@ -268,7 +295,8 @@ class Trainer:
             self.progress.best_val_loss = metrics["val_loss"]
             self.progress.best_step = step
         self.run.write_metrics({"step": step, "event": "eval", **metrics})
-        write_eval(self.run.path, step, results)
+        if self.placement.is_main:
+            write_eval(self.run.path, step, results)
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         if "skipped_suites" in results:
             shown += f" (skipped within the time budget: {', '.join(results['skipped_suites'])})"
@@ -278,7 +306,9 @@ class Trainer:
     def _checkpoint_due(self, step: int) -> bool:
         c = self.cfg.checkpoint
         since = time.monotonic() - self._last_checkpoint_time
-        return checkpoint_due(step, c.every_steps, c.every_minutes, since)
+        due = checkpoint_due(step, c.every_steps, c.every_minutes, since)
+        # Clocks differ between ranks: they agree, as a sharded save needs all of them.
+        return self.placement.any(due) if c.every_minutes else due
 
     def _log_step(self, result: StepResult, tokens_per_sec: float, *, echo: bool) -> None:
         in_use = memory_in_use(self.device)

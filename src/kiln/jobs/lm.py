@@ -26,6 +26,7 @@ from kiln.data.objectives import (
 )
 from kiln.data.shards import TokenData, prepare_token_data
 from kiln.data.tokenizer import KilnTokenizer
+from kiln.engine.distributed import global_batch_size
 from kiln.errors import ConfigError
 from kiln.eval.perplexity import token_cross_entropy, validation_windows
 from kiln.fsio import atomic_write
@@ -115,9 +116,13 @@ def objective_settings(config: Config) -> tuple[ComponentWeights, FimSpec, CotWe
 
 
 def step_split(config: Config) -> tuple[int, int]:
-    """Windows per step (per rank) from the corpus and from the chain-of-thought data."""
-    t = config.training
-    total = t.micro_batch_size * t.grad_accum_steps
+    """Windows per step over all ranks from the corpus and from the chain-of-thought data.
+
+    Every rank draws this global step batch and trains its slice of it
+    (``kiln.engine.distributed.RankBatches``), so the data order and the per-step normalisation
+    do not depend on the world size.
+    """
+    total = global_batch_size(config)
     if config.objectives.cot.path is None:
         return total, 0
     cot = max(1, round(config.objectives.cot.fraction * total))

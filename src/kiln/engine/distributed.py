@@ -1,0 +1,502 @@
+"""Where the one loop runs: one process, or data-parallel ranks on torch.distributed.
+
+A ``Placement`` is what the trainer asks about placement: wrap the model, whether a micro-batch
+synchronises gradients, how the model and optimizer state is saved and loaded, how step metrics
+and stop decisions are agreed over ranks. ``Local`` is one process (``strategy.name: single``,
+no collectives); ``DataParallel`` wraps the model in DDP; ``FullyShardedDataParallel`` applies
+FSDP2's ``fully_shard`` and saves through ``kiln.sharded_checkpoint``.
+
+Data parallelism keeps single-process arithmetic: every rank draws the same global step batch
+(``micro_batch_size x grad_accum_steps x strategy.world_size`` windows, normalised as a whole by
+the job), keeps its contiguous slice (``RankBatches``) and gradients are averaged over ranks, so
+the step's gradient is the single-process one up to float summation order.
+
+``session`` joins the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT in the environment) or, without torchrun, a group of one. Rank 0
+creates the run directory and writes every shared file; the other ranks open it read-only
+(``FollowerRun``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from kiln.checkpoint import CheckpointInfo, load_checkpoint, load_latest_valid, save_checkpoint
+from kiln.config import Config
+from kiln.data.loader import Batch
+from kiln.engine.job import StepBatches, batch_size
+from kiln.errors import ConfigError, DataError, KilnError
+from kiln.fsio import atomic_write
+from kiln.run import Run
+
+DISTRIBUTED = ("ddp", "fsdp")
+SAMPLES_DIR = "samples"
+
+
+class DistributedFailure(KilnError):
+    """A rank died, or a collective failed or timed out: the whole job stops."""
+
+
+def global_batch_size(config: Config) -> int:
+    """Windows per optimizer step over all ranks: micro-batch x accumulation x world size."""
+    t, world = config.training, config.strategy.world_size
+    return t.micro_batch_size * t.grad_accum_steps * (1 if world == "auto" else world)
+
+
+# ---------------------------------------------------------------------- placements
+
+
+class Local:
+    """One process: every hook is the plain single-process behaviour, with no collectives."""
+
+    strategy = "single"
+    rank = 0
+    local_rank = 0
+    world_size = 1
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes the run directory."""
+        return self.rank == 0
+
+    def describe(self) -> dict[str, Any]:
+        """Strategy, world size and backend, for the run log and checkpoint metadata."""
+        return {"strategy": self.strategy, "world_size": self.world_size, "backend": self.backend}
+
+    def device(self, device: torch.device) -> torch.device:
+        """The device this rank trains on."""
+        return device
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training forward goes through."""
+        return model
+
+    def accumulating(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+        """Context of one micro-batch's forward and backward; ``sync`` on the step's last."""
+        return contextlib.nullcontext()
+
+    def model_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The model's and optimizer's entries of the trainer state."""
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def load_model_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        """Inverse of ``model_state``."""
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    def save_checkpoint(
+        self, ckpt_root: Path, step: int, state: dict[str, Any], meta: dict
+    ) -> Path | None:
+        """Write the checkpoint; the path on the rank that published it, else None."""
+        return save_checkpoint(ckpt_root, step, state, meta)
+
+    def load_latest_valid(
+        self,
+        ckpt_root: Path,
+        warn: Callable[[str], None],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        """The newest checkpoint that verifies, the same one on every rank (None: there is none)."""
+        return load_latest_valid(ckpt_root, warn)
+
+    def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each metric's mean over ranks (a rank without a metric counts as 0)."""
+        return values
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank."""
+        return flag
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the body on rank 0 first (it fills shared caches), then on the others."""
+        yield
+
+
+class DataParallel(Local):
+    """DistributedDataParallel replicas: gradients all-reduced (averaged) once per step."""
+
+    strategy = "ddp"
+
+    def __init__(self, rank: int, local_rank: int, world_size: int, backend: str) -> None:
+        self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
+        self.backend = backend
+
+    def device(self, device: torch.device) -> torch.device:
+        if device.type != "cuda":
+            return device
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def accumulating(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+        # Accumulation micro-batches skip the all-reduce; the last one reduces the sum.
+        if sync or not isinstance(model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    def save_checkpoint(
+        self, ckpt_root: Path, step: int, state: dict[str, Any], meta: dict
+    ) -> Path | None:
+        # Replicas are identical: rank 0 writes one consolidated checkpoint.
+        return save_checkpoint(ckpt_root, step, state, meta) if self.is_main else None
+
+    def load_latest_valid(
+        self,
+        ckpt_root: Path,
+        warn: Callable[[str], None],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        found = load_latest_valid(ckpt_root, warn) if self.is_main else None
+        chosen = [str(found[0].path) if found else None]
+        dist.broadcast_object_list(chosen, src=0)
+        if found is not None or chosen[0] is None:
+            return found
+        path = Path(chosen[0])
+        state, meta = load_checkpoint(path)
+        return CheckpointInfo(path, int(meta["step"]), meta), state
+
+    def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1:
+            return values
+        gathered: list[dict[str, float]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(gathered, values)
+        names = sorted({name for part in gathered for name in part})
+        return {
+            name: sum(part.get(name, 0.0) for part in gathered) / self.world_size
+            for name in names
+        }
+
+    def any(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        device = torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
+        value = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+
+class FullyShardedDataParallel(DataParallel):
+    """FSDP2: parameters, gradients and optimizer state sharded over ranks; DCP checkpoints."""
+
+    strategy = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        device = next(model.parameters()).device
+        mesh = init_device_mesh(device.type, (self.world_size,))
+        # Each block of a layer list is its own unit (gathered just before it runs); the
+        # root unit holds the rest (embeddings, tied head, final norm).
+        for module in list(model.modules()):
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+
+    def accumulating(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
+        # Gradients are reduce-scattered after every micro-batch: keeping them unsharded
+        # across accumulation would cost the memory FSDP exists to save.
+        return contextlib.nullcontext()
+
+    def model_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from kiln.sharded_checkpoint import sharded_state
+
+        return sharded_state(model, optimizer)
+
+    def load_model_state(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    ) -> None:
+        from kiln.sharded_checkpoint import load_sharded_state
+
+        load_sharded_state(model, optimizer, state)
+
+    def save_checkpoint(
+        self, ckpt_root: Path, step: int, state: dict[str, Any], meta: dict
+    ) -> Path | None:
+        from kiln.sharded_checkpoint import save_sharded
+
+        return save_sharded(ckpt_root, step, state, meta, is_main=self.is_main)
+
+    def load_latest_valid(
+        self,
+        ckpt_root: Path,
+        warn: Callable[[str], None],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+    ) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        from kiln.sharded_checkpoint import read_sharded_state
+
+        found = super().load_latest_valid(ckpt_root, warn, model, optimizer)
+        if found is None:
+            return None
+        info, state = found
+        return info, read_sharded_state(info.path, state, model, optimizer)
+
+
+# ---------------------------------------------------------------------- the process group
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise ConfigError(
+            f"environment variable {name}={os.environ[name]!r} is not an integer"
+        ) from None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def session(config: Config) -> Iterator[Local]:
+    """The placement of this process for ``config``; joins and leaves the process group.
+
+    Distributed failures inside (a dead rank, a timed-out collective) leave as
+    ``DistributedFailure`` with what to do next.
+    """
+    world = _env_int("WORLD_SIZE", 1)
+    name = config.strategy.name
+    if name not in DISTRIBUTED:
+        if world > 1:
+            raise ConfigError(
+                f"strategy.name is {name!r} but {world} processes were launched "
+                "(WORLD_SIZE); set strategy.name: ddp or fsdp to train data-parallel"
+            )
+        yield Local()
+        return
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    cuda = config.hardware.device == "cuda"
+    backend = config.strategy.backend
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ConfigError("strategy.backend nccl needs hardware.device: cuda; use gloo on CPU")
+    # Without torchrun: a group of one on a free local port.
+    init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+    dist.init_process_group(
+        backend,
+        init_method=init,
+        rank=rank,
+        world_size=world,
+        timeout=dt.timedelta(seconds=config.strategy.timeout_s),
+    )
+    cls = FullyShardedDataParallel if name == "fsdp" else DataParallel
+    try:
+        yield cls(rank, local_rank, world, backend)
+    except (dist.DistError, RuntimeError) as exc:
+        if not _collective_failure(exc):
+            raise
+        raise DistributedFailure(
+            f"rank {rank} of {world}: a collective failed ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0]}). Another rank probably died or hung longer "
+            f"than strategy.timeout_s ({config.strategy.timeout_s:g} s); see its output. The "
+            "run stopped; continue from the last checkpoint with `kiln resume RUN_DIR` (add "
+            "--nproc N for N processes; the world size may change)."
+        ) from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def _collective_failure(exc: BaseException) -> bool:
+    """Whether an error comes from the process group (gloo and NCCL raise RuntimeErrors)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed by peer"))
+
+
+def resolve_world(config: Config, placement: Local) -> Config:
+    """Pin ``strategy.world_size`` to the launched world size when it is 'auto'."""
+    if config.strategy.world_size != "auto":
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.strategy.world_size = placement.world_size
+    return resolved
+
+
+def check_world(config: Config, placement: Local) -> None:
+    """Raise ``ConfigError`` unless this world size splits the config's global batch evenly."""
+    total = global_batch_size(config)
+    if total % placement.world_size:
+        raise ConfigError(
+            f"the global batch of {total} windows (training.micro_batch_size "
+            f"{config.training.micro_batch_size} x grad_accum_steps "
+            f"{config.training.grad_accum_steps} x strategy.world_size "
+            f"{config.strategy.world_size}) does not split over {placement.world_size} "
+            f"processes; launch a world size that divides {total}"
+        )
+
+
+# ---------------------------------------------------------------------- the run directory
+
+
+class FollowerRun(Run):
+    """A non-zero rank's view of the run directory: it reads the run and never writes it."""
+
+    def __init__(self, path: Path, config: Config, *, echo: bool = True) -> None:
+        self.path = path
+        self.config = config
+        self.echo = False
+        self.checkpoints = path / "checkpoints"
+
+    def log(self, message: str, *, echo: bool = True) -> None:
+        pass
+
+    def write_metrics(self, row: dict[str, Any]) -> None:
+        pass
+
+    def set_status(self, status: str) -> None:  # type: ignore[override]
+        pass
+
+    def truncate_metrics_after(self, step: int) -> None:
+        pass
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def run_class() -> type[Run]:
+    """``Run`` on rank 0 (or without torchrun), ``FollowerRun`` on the other ranks."""
+    return FollowerRun if _env_int("RANK", 0) > 0 else Run
+
+
+def create_run(config: Config, placement: Local, *, echo: bool) -> Run:
+    """Rank 0 creates the run directory; the others open the one it created."""
+    if placement.world_size == 1:
+        return Run.create(config, echo=echo)
+    path = [str(Run.create(config, echo=echo).path) if placement.is_main else None]
+    dist.broadcast_object_list(path, src=0)
+    if placement.is_main:
+        return Run.open(Path(path[0]), echo=echo)
+    return FollowerRun.open(Path(path[0]))
+
+
+# ---------------------------------------------------------------------- this rank's data
+
+
+class SampleLog:
+    """``samples/rank<r>.jsonl``: per step, the ``[source, window id]`` of each row trained."""
+
+    def __init__(self, run_dir: Path, placement: Local) -> None:
+        self.folder = run_dir / SAMPLES_DIR
+        self.placement = placement
+        self.step = 0
+        self._file: Any = None
+
+    def begin(self, step: int) -> None:
+        """Continue after ``step``: rows of later steps (trained before a crash) are dropped."""
+        if self.placement.is_main:
+            self.folder.mkdir(exist_ok=True)
+            for path in sorted(self.folder.glob("rank*.jsonl")):
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+                kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+                atomic_write(path, kept)
+        self.placement.barrier()
+        self.step = step
+        path = self.folder / f"rank{self.placement.rank}.jsonl"
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def record(self, windows: list[Any]) -> None:
+        self.step += 1
+        self._file.write(json.dumps({"step": self.step, "windows": windows}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class RankBatches:
+    """This rank's contiguous share of every global step batch drawn from ``batches``."""
+
+    def __init__(
+        self, batches: StepBatches, placement: Local, sample_log: SampleLog | None = None
+    ) -> None:
+        if sample_log is not None and not hasattr(batches, "window_ids"):
+            raise ConfigError(
+                "logging.sample_ids: this job's batches do not report window ids; turn it off"
+            )
+        self.batches = batches
+        self.placement = placement
+        self.sample_log = sample_log
+
+    def begin(self, step: int) -> None:
+        """Training continues after ``step`` (0 for a new run)."""
+        if self.sample_log is not None:
+            self.sample_log.begin(step)
+
+    def next_batch(self) -> Batch:
+        batch = self.batches.next_batch()
+        rows = batch_size(batch)
+        world, rank = self.placement.world_size, self.placement.rank
+        if rows % world:
+            raise DataError(f"a step batch of {rows} windows does not split over {world} ranks")
+        lo, hi = rank * rows // world, (rank + 1) * rows // world
+        if self.sample_log is not None:
+            self.sample_log.record(self.batches.window_ids()[lo:hi])  # type: ignore[attr-defined]
+        if world == 1:
+            return batch
+        if isinstance(batch, torch.Tensor):
+            return batch[lo:hi]
+        return {k: v[lo:hi] for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state)
+
+    def close(self) -> None:
+        self.batches.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
+
+
+def partition(batches: StepBatches, config: Config, run: Run, placement: Local) -> RankBatches:
+    """Wrap a job's global step batches into this rank's share (and the sample-id log)."""
+    log = SampleLog(run.path, placement) if config.logging.sample_ids else None
+    return RankBatches(batches, placement, log)
