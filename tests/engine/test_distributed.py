@@ -197,6 +197,33 @@ def test_fsdp_checkpoint_is_sharded_and_exports_whole(
     assert _max_abs_diff(exported, _final_weights(runs["single_4x2"])) == 0.0
 
 
+@pytest.mark.parametrize(
+    "strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)]
+)
+def test_bf16_with_accumulation_matches_single_process(
+    shard_cache: Path, tmp_path: Path, strategy: str
+) -> None:
+    """bf16, 2 ranks x micro-batch 2 x 2 accumulation (DDP skips the all-reduce on the first).
+
+    bf16 rounds every matmul, so how a step's batch is cut changes the weights far more than in
+    fp32; the bound is that change within one process (micro-batch 8 against 2 x 4).
+    """
+    bf16 = ["precision.dtype=bf16", "training.micro_batch_size=2"]
+    single = {}
+    for name, extra in {"2x4": ["training.grad_accum_steps=4"],
+                        "8": ["training.micro_batch_size=8"]}.items():
+        config = load_config("smoke", _overrides(tmp_path / name, shard_cache, *bf16, *extra))
+        single[name] = _final_weights(workflows.train(config, echo=False).run_dir)
+    sets = _sets(_overrides(tmp_path / strategy, shard_cache, *bf16,
+                            "training.grad_accum_steps=2", f"strategy.name={strategy}"))
+    done = _kiln("train", "--nproc", "2", "--config", "smoke", *sets)
+    assert done.returncode == 0, done.stderr[-3000:]
+    diff = _max_abs_diff(_final_weights(_only_run(tmp_path / strategy)), single["2x4"])
+    resplit = _max_abs_diff(single["8"], single["2x4"])
+    print(f"{strategy} bf16: max |w - w_single2x4| = {diff:.3g} (single 8 vs 2x4: {resplit:.3g})")
+    assert 0 < resplit < 0.1 and diff <= resplit
+
+
 # ---------------------------------------------------------------------- elastic resume
 
 

@@ -23,9 +23,11 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -323,7 +325,8 @@ def session(config: Config) -> Iterator[Local]:
     )
     cls = FullyShardedDataParallel if name == "fsdp" else DataParallel
     try:
-        yield cls(rank, local_rank, world, backend)
+        with _sigterm_deferred():
+            yield cls(rank, local_rank, world, backend)
     except (dist.DistError, RuntimeError) as exc:
         if not _collective_failure(exc):
             raise
@@ -336,6 +339,32 @@ def session(config: Config) -> Iterator[Local]:
         ) from exc
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Outside the loop's own handler, a first SIGTERM is noted rather than fatal.
+
+    torchrun sends SIGTERM to every rank as soon as one fails; the survivors are then usually
+    unwinding the collective's error, and must live long enough to mark the run failed. A
+    second SIGTERM interrupts; torchrun's SIGKILL after its grace period bounds the rest.
+    """
+    received: list[int] = []
+
+    def note(signum: int, _frame: FrameType | None) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, note)
+    except ValueError:  # not the main thread: the caller owns signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _collective_failure(exc: BaseException) -> bool:
