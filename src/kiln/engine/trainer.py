@@ -166,7 +166,8 @@ class Trainer:
                         self.progress.wall_time = time.monotonic() - started
                         self.save()
                         self.run.set_status("interrupted")
-                        self.run.log(f"stopped by signal {stop.received}; resume to continue")
+                        by = stop.received or "sent to another rank"
+                        self.run.log(f"stopped by signal {by}; resume to continue")
                         return self.progress
 
                     loader_state, rng = self.job.batches.state_dict(), capture_rng_state()
