@@ -88,6 +88,7 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     task = load_task_for(config) if config.job == "hashtron" else None
     with session(config) as placement:
         config = resolve_world(config, placement)
+        check_world(config, placement)
         run = create_run(config, placement, echo=echo)
         run.log(f"run {run.id} in {run.path}")
         return _train_in(run, resume=False, hashtron_task=task, placement=placement)

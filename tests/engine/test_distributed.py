@@ -269,6 +269,7 @@ def test_dead_rank_fails_the_job_and_it_resumes(
                             "strategy.timeout_s=60"))
     proc = _start("train", "--nproc", "2", "--config", "smoke", *sets)
     run = _wait_for_checkpoint(proc, tmp_path / "runs")
+    assert proc.poll() is None, "training finished before the kill: lengthen the run"
     os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
     # Bounded: well under the collective timeout plus torchrun's grace period.
     proc.wait(timeout=120)
@@ -276,6 +277,25 @@ def test_dead_rank_fails_the_job_and_it_resumes(
     assert proc.returncode != 0
     assert (run / "status").read_text().strip() == "failed"
     assert "Another rank probably died" in stderr and "kiln resume" in stderr
+    resumed = _kiln("resume", str(run), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _windows_by_step(run) == _windows_by_step(runs["ddp"])
+    assert _max_abs_diff(_final_weights(run), _final_weights(runs["ddp"])) == 0.0
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
+    runs: dict[str, Path], shard_cache: Path, tmp_path: Path
+) -> None:
+    sets = _sets(_overrides(tmp_path / "runs", shard_cache, "strategy.name=ddp"))
+    proc = _start("train", "--nproc", "2", "--config", "smoke", *sets)
+    run = _wait_for_checkpoint(proc, tmp_path / "runs")
+    assert proc.poll() is None, "training finished before the signal: lengthen the run"
+    os.kill(_worker_pid(proc.pid, 0), signal.SIGTERM)
+    proc.wait(timeout=120)
+    assert (run / "status").read_text().strip() == "interrupted"
+    log = (run / "train.log").read_text()
+    assert "stopped by signal 15" in log and "run ended" not in log
     resumed = _kiln("resume", str(run), "--nproc", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _windows_by_step(run) == _windows_by_step(runs["ddp"])
