@@ -26,6 +26,7 @@ from kiln.config import Config, load_config
 from kiln.engine.distributed import (
     Local,
     RankBatches,
+    SampleLog,
     check_world,
     global_batch_size,
     resolve_world,
@@ -341,6 +342,25 @@ def test_ranks_partition_each_step_without_overlap_or_gap(world: int) -> None:
         expected = reference.next_batch()
         for key in expected:
             assert torch.equal(torch.cat([p[key] for p in parts]), expected[key])
+
+
+def test_sample_log_drops_steps_after_the_resumed_one(tmp_path: Path) -> None:
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rows = [json.dumps({"step": s, "windows": [["code", s]]}) for s in (1, 2, 3)]
+    for rank in (0, 1):  # rank 1 of an earlier, larger world, and a row torn by a kill
+        (folder / f"rank{rank}.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "wi')
+    log = SampleLog(tmp_path, Local())
+    log.begin(2)
+    log.record([["code", 7]])
+    log.close()
+    lines = (folder / "rank0.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines]
+    assert steps == [1, 2, 3]
+    assert len((folder / "rank1.jsonl").read_text().splitlines()) == 2
+    assert json.loads((folder / "rank0.jsonl").read_text().splitlines()[-1])["windows"] == [
+        ["code", 7]
+    ]
 
 
 def test_world_size_must_split_the_global_batch(smoke_config: ConfigFactory) -> None:

@@ -435,13 +435,12 @@ def run_class() -> type[Run]:
 
 def create_run(config: Config, placement: Local, *, echo: bool) -> Run:
     """Rank 0 creates the run directory; the others open the one it created."""
+    run = Run.create(config, echo=echo) if placement.is_main else None
     if placement.world_size == 1:
-        return Run.create(config, echo=echo)
-    path = [str(Run.create(config, echo=echo).path) if placement.is_main else None]
+        return run
+    path = [str(run.path) if run is not None else None]
     dist.broadcast_object_list(path, src=0)
-    if placement.is_main:
-        return Run.open(Path(path[0]), echo=echo)
-    return FollowerRun.open(Path(path[0]))
+    return run if run is not None else FollowerRun.open(Path(path[0]))
 
 
 # ---------------------------------------------------------------------- this rank's data
@@ -461,15 +460,15 @@ class SampleLog:
         if self.placement.is_main:
             self.folder.mkdir(exist_ok=True)
             for path in sorted(self.folder.glob("rank*.jsonl")):
-                rows = [json.loads(line) for line in path.read_text().splitlines() if line]
-                kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-                atomic_write(path, kept)
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+                atomic_write(path, "".join(line + "\n" for line in kept))
         self.placement.barrier()
         self.step = step
         path = self.folder / f"rank{self.placement.rank}.jsonl"
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def record(self, windows: list[Any]) -> None:
+        """Append the next step's windows."""
         self.step += 1
         self._file.write(json.dumps({"step": self.step, "windows": windows}) + "\n")
         self._file.flush()
@@ -477,6 +476,14 @@ class SampleLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a sample-log row; a torn row (a kill mid-write) counts as after any step."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class RankBatches:
