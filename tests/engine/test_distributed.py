@@ -303,6 +303,21 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert _max_abs_diff(_final_weights(run), _final_weights(runs["ddp"])) == 0.0
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_gpu_rank_with_nccl_matches_single_process(
+    shard_cache: Path, tmp_path: Path, strategy: str
+) -> None:
+    """One rank on a GPU (nccl, no torchrun) against plain single-process training on it."""
+    done = {}
+    for name in ("single", strategy):
+        overrides = _overrides(tmp_path / name, shard_cache, "hardware.device=cuda",
+                               f"strategy.name={name}")
+        done[name] = workflows.train(load_config("smoke", overrides), echo=False).run_dir
+    assert "backend nccl" in (done[strategy] / "train.log").read_text()
+    assert _max_abs_diff(_final_weights(done[strategy]), _final_weights(done["single"])) == 0.0
+
+
 # ---------------------------------------------------------------------- the pieces
 
 
