@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
+from kiln.cli import main
 from kiln.errors import KilnError
 from kiln.launch import torchrun_command, without_nproc
 
@@ -30,3 +32,13 @@ def test_torchrun_command_runs_kiln_as_a_module() -> None:
     ]
     with pytest.raises(KilnError, match="--nproc must be >= 1"):
         torchrun_command(0, ["train"])
+
+
+def test_nproc_with_a_one_process_strategy_exits_2_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["train", "--nproc", "2", "--config", "smoke", "--set",
+                 f"run.root={tmp_path}"])
+    assert code == 2
+    assert "add --set strategy.name=ddp" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

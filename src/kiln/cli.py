@@ -224,15 +224,30 @@ def _print_runs(rows: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
+def _launch(args: argparse.Namespace, argv: list[str]) -> None:
+    """Restart this command under torchrun with ``--nproc`` processes (unless already there)."""
+    from kiln import launch
+    from kiln.config import load_config
+    from kiln.run import Run
+
+    if launch.under_torchrun():
+        return
+    if args.command == "resume":
+        run = Run.open(args.run_dir, echo=False)
+        run.close()
+        config = run.config
+    else:
+        config = load_config(args.config, args.overrides)
+    launch.check_strategy(config, args.nproc)
+    launch.exec_torchrun(args.nproc, argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kiln` command."""
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "nproc", None) is not None:
-            from kiln import launch
-
-            if not launch.under_torchrun():
-                launch.exec_torchrun(args.nproc, sys.argv[1:] if argv is None else argv)
+            _launch(args, sys.argv[1:] if argv is None else argv)
         return _run(args)
     except KilnError as exc:
         if args.debug:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-from kiln.errors import KilnError
+from kiln.config import Config
+from kiln.errors import ConfigError, KilnError
 
 NPROC = "--nproc"
 
@@ -38,6 +39,15 @@ def without_nproc(args: list[str]) -> list[str]:
         elif not arg.startswith(f"{NPROC}="):
             kept.append(arg)
     return kept
+
+
+def check_strategy(config: Config, nproc: int) -> None:
+    """Refuse several processes for a one-process strategy before torchrun starts them."""
+    if nproc > 1 and config.strategy.name not in ("ddp", "fsdp"):
+        raise ConfigError(
+            f"--nproc {nproc} needs strategy.name ddp or fsdp (this config has "
+            f"{config.strategy.name!r}); add --set strategy.name=ddp"
+        )
 
 
 def under_torchrun() -> bool:
