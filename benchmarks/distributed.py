@@ -50,7 +50,8 @@ from lm_throughput import (  # a sibling script, not a package
     make_batches,
 )
 
-from kiln.engine.distributed import create_run, partition, resolve_world, session
+from kiln.engine.distributed import create_run, resolve_world, session
+from kiln.engine.rank_batches import partition
 from kiln.engine.trainer import Trainer
 from kiln.jobs.lm import build_model
 from kiln.repro import set_determinism

@@ -32,11 +32,11 @@ from kiln.engine.distributed import (
     check_world,
     create_run,
     global_batch_size,
-    partition,
     resolve_world,
     run_class,
     session,
 )
+from kiln.engine.rank_batches import partition
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, KilnError, RunError
 from kiln.export import export_bundle

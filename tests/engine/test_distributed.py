@@ -24,9 +24,7 @@ from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, load_config
 from kiln.engine.distributed import (
-    Local,
-    RankBatches,
-    SampleLog,
+    DataParallel,
     check_world,
     global_batch_size,
     resolve_world,
@@ -321,70 +319,13 @@ def test_one_gpu_rank_with_nccl_matches_single_process(
 # ---------------------------------------------------------------------- the pieces
 
 
-class _Rank(Local):
-    def __init__(self, rank: int, world_size: int) -> None:
-        self.rank, self.world_size = rank, world_size
-
-
-class _Steps:
-    """Global step batches of 8 rows numbered by step."""
-
-    def __init__(self) -> None:
-        self.step = 0
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        self.step += 1
-        rows = torch.arange(8) + 100 * self.step
-        return {"tokens": rows[:, None].repeat(1, 3), "weights": rows.float()}
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
-def test_ranks_partition_each_step_without_overlap_or_gap(world: int) -> None:
-    shares = [RankBatches(_Steps(), _Rank(r, world)) for r in range(world)]
-    for _ in range(3):
-        parts = [share.next_batch() for share in shares]
-        reference = _Steps()
-        reference.step = shares[0].state_dict()["step"] - 1
-        expected = reference.next_batch()
-        for key in expected:
-            assert torch.equal(torch.cat([p[key] for p in parts]), expected[key])
-
-
-def test_sample_log_drops_steps_after_the_resumed_one(tmp_path: Path) -> None:
-    folder = tmp_path / "samples"
-    folder.mkdir()
-    rows = [json.dumps({"step": s, "windows": [["code", s]]}) for s in (1, 2, 3)]
-    for rank in (0, 1):  # rank 1 of an earlier, larger world, and a row torn by a kill
-        (folder / f"rank{rank}.jsonl").write_text("\n".join(rows) + '\n{"step": 4, "wi')
-    log = SampleLog(tmp_path, Local())
-    log.begin(2)
-    log.record([["code", 7]])
-    log.close()
-    lines = (folder / "rank0.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in lines]
-    assert steps == [1, 2, 3]
-    assert len((folder / "rank1.jsonl").read_text().splitlines()) == 2
-    assert json.loads((folder / "rank0.jsonl").read_text().splitlines()[-1])["windows"] == [
-        ["code", 7]
-    ]
-
-
 def test_world_size_must_split_the_global_batch(smoke_config: ConfigFactory) -> None:
     config = resolve_world(smoke_config("strategy.name=ddp", "training.grad_accum_steps=3"),
-                           _Rank(0, 2))
+                           DataParallel(0, 0, 2, "gloo"))
     assert config.strategy.world_size == 2 and global_batch_size(config) == 48
-    check_world(config, _Rank(0, 3))
+    check_world(config, DataParallel(0, 0, 3, "gloo"))
     with pytest.raises(ConfigError, match="does not split over 5 processes"):
-        check_world(config, _Rank(0, 5))
+        check_world(config, DataParallel(0, 0, 5, "gloo"))
 
 
 @pytest.mark.parametrize(
