@@ -290,10 +290,10 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "val_loss": info.meta.get("val_loss"),
         "best_val_loss": summary.get("best_val_loss"),
     }
-    files = {
-        "tokenizer.json": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-        "config.yaml": config_text,
-    }
+    files = {"config.yaml": config_text}
+    tokenizer = run_dir / "tokenizer.json"
+    if tokenizer.is_file():  # jobs without a tokenizer (lattice) export weights and config only
+        files["tokenizer.json"] = tokenizer.read_text(encoding="utf-8")
     return export_bundle(Path(to_dir), model_state=state["model"], files=files, metadata=metadata)
 
 
