@@ -39,19 +39,16 @@ EVAL_SEED_SALT = 0x5EED
 
 
 def lattice_shape(section: LatticeSection) -> LatticeShape:
-    """The model shape a ``lattice`` section describes; bad combinations are ConfigErrors."""
+    """The model shape a ``lattice`` section describes (the schema has checked every value)."""
     face = section.height * section.width
-    try:
-        return LatticeShape(
-            depth=section.depth, height=section.height, width=section.width,
-            channels=section.channels, memory=section.memory, hidden=section.hidden,
-            sharing=section.sharing, boundary=section.boundary, steps=section.steps,
-            fire_rate=section.fire_rate, alive_threshold=section.alive_threshold,
-            inject=section.inject, input_dim=face, output_dim=face,
-            checkpoint=section.activation_checkpointing,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"lattice: {exc}") from None
+    return LatticeShape(
+        depth=section.depth, height=section.height, width=section.width,
+        channels=section.channels, memory=section.memory, hidden=section.hidden,
+        sharing=section.sharing, boundary=section.boundary, steps=section.steps,
+        fire_rate=section.fire_rate, alive_threshold=section.alive_threshold,
+        inject=section.inject, input_dim=face, output_dim=face,
+        checkpoint=section.activation_checkpointing,
+    )
 
 
 def build_model(config: Config, encoder_dim: int) -> AdaptedLattice:
