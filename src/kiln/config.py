@@ -221,6 +221,12 @@ class HardwareSection(Section):
         "resolved number is recorded, since results differ in the last bits across counts.",
     )
     deterministic: bool = Field(True, description="Deterministic algorithms and cuDNN flags.")
+    keep_freed_memory: bool = Field(
+        False,
+        description="glibc: keep large freed blocks on the heap for reuse instead of returning "
+        "them to the OS (faster steps with big temporaries, e.g. the full lattice; resident "
+        "memory stays at its peak).",
+    )
 
 
 class StrategySection(Section):

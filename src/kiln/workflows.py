@@ -27,6 +27,7 @@ from kiln.checkpoint import (
     load_latest_valid,
 )
 from kiln.config import Config, resolve_config
+from kiln.engine.allocator import keep_freed_memory
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, KilnError, RunError
 from kiln.export import export_bundle
@@ -58,6 +59,8 @@ class TrainOutcome:
 def prepare_process(config: Config) -> torch.device:
     """Pin threads, set determinism flags and seed every RNG before anything random happens."""
     pin_threads(int(config.hardware.threads))
+    if config.hardware.keep_freed_memory:
+        keep_freed_memory()
     set_determinism(config.hardware.deterministic)
     seed_everything(config.seed)
     device = torch.device(config.hardware.device)
