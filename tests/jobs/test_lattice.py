@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
@@ -113,6 +114,10 @@ def test_the_adapter_is_trained_and_checkpointed(tmp_path: Path) -> None:
     outcome = workflows.train(cfg, echo=False)
     state, _ = load_checkpoint(list_checkpoints(outcome.run_dir / "checkpoints")[-1].path)
     assert state["model"]["adapter.weight"].shape == (20, 16)
+    bundle = workflows.export_run(outcome.run_dir, tmp_path / "export")
+    exported = load_file(bundle / "model.safetensors")
+    assert torch.equal(exported["adapter.weight"], state["model"]["adapter.weight"])
+    assert not (bundle / "tokenizer.json").exists() and (bundle / "config.yaml").is_file()
 
 
 def _has_bitsandbytes() -> bool:
