@@ -40,7 +40,8 @@ Options: ``--threads`` (default 2), ``--batch`` (default "1,8"), ``--grids`` (sm
 ``--repeats``, ``--device``, ``--malloc-tuned`` (also run with glibc told to keep freed memory,
 ``kiln.engine.allocator``, which removes the page-fault cost of large temporaries),
 ``--train-grids``, ``--train-steps``,
-``--train-batch``, ``--json FILE``. An empty ``--grids`` or ``--train-grids`` skips that part.
+``--train-batch``, ``--optimizers`` (time one AdamW and one 8-bit AdamW step alone on the full
+lattice's parameters), ``--json FILE``. An empty ``--grids`` or ``--train-grids`` skips that part.
 See ``--help``.
 """
 
@@ -202,6 +203,27 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def optimizer_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One optimizer's step time and state size on the full lattice's parameters."""
+    from kiln.config import OptimizerSection
+    from kiln.engine.optim import build_optimizer
+
+    torch.set_num_threads(spec["threads"])
+    d, h, w = GRIDS["full"]
+    torch.manual_seed(0)
+    model = Lattice(LatticeShape(depth=d, height=h, width=w, input_dim=h * w, output_dim=h * w))
+    optimizer = build_optimizer(model, OptimizerSection(name=spec["optimizer"]))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    times = []
+    for _ in range(spec["repeats"] + 1):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {**spec, "step_s": statistics.median(times[1:]),
+            "optimizer_state_bytes": tensor_bytes(optimizer.state_dict()["state"])}
+
+
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
@@ -236,12 +258,16 @@ def main() -> None:
     p.add_argument("--train-grids", default="small,full", help="grids trained by the engine")
     p.add_argument("--train-steps", type=int, default=4, help="optimizer steps per variant")
     p.add_argument("--train-batch", type=int, default=8, help="samples per optimizer step")
+    p.add_argument("--optimizers", action="store_true",
+                   help="also time AdamW and 8-bit AdamW steps alone on the full lattice")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(train_worker(spec) if spec.get("train") else worker(spec)))
+        kind = spec.get("kind", "compare")
+        run = {"compare": worker, "train": train_worker, "optimizer": optimizer_worker}[kind]
+        print(json.dumps(run(spec)))
         return
 
     base = {
@@ -276,6 +302,7 @@ def main() -> None:
     print(f"load average before: {load_average()}\n")
     results = compare(specs)
     results += train_variants(args)
+    results += optimizer_steps(args)
     print(f"\nload average after: {load_average()}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -301,6 +328,23 @@ def compare(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         print(f"| {d}x{h}x{w} | {r['batch']} | {name} | {1e3 * r['per_step_s']:,.1f} | "
               f"{r['steps_per_s']:.2f} | {r['speedup']:.1f} | "
               f"{mib(r['peak_bytes'])} | {mib(r['added_bytes'])} |", flush=True)
+    return results
+
+
+def optimizer_steps(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """AdamW against 8-bit AdamW alone, on the full lattice's 61.9M parameters."""
+    if not args.optimizers:
+        return []
+    names = ["adamw", *(["adamw8bit"] if has_bitsandbytes() else [])]
+    print("\nOptimizer step alone, full lattice parameters (61.9M)\n")
+    print("| optimizer | s / step | state MiB |")
+    print("| --- | --- | --- |")
+    results = []
+    for name in names:
+        r = run_worker({"kind": "optimizer", "optimizer": name, "threads": args.threads,
+                        "repeats": 3})
+        results.append(r)
+        print(f"| {name} | {r['step_s']:.3f} | {mib(r['optimizer_state_bytes'])} |", flush=True)
     return results
 
 
@@ -333,7 +377,7 @@ def train_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for grid in grids:
         for name, overrides in variants:
-            spec = {"train": True, "grid": grid, "batch": args.train_batch, "variant": name,
+            spec = {"kind": "train", "grid": grid, "batch": args.train_batch, "variant": name,
                     "steps": args.train_steps, "threads": args.threads, "device": args.device,
                     "overrides": overrides}
             r = run_worker(spec)

@@ -197,3 +197,18 @@ def test_many_consecutive_steps_without_memory_growth(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_thousand_consecutive_steps_without_memory_growth(tmp_path: Path) -> None:
     _assert_flat_memory(_memory_rows(tmp_path, 1000))
+
+
+@pytest.mark.cuda
+def test_cuda_lattice_training_is_deterministic_and_resumes(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "hardware.device=cuda", "precision.dtype=bf16",
+                      "lattice.fire_rate=0.5")
+    a = workflows.train(cfg, echo=False).run_dir
+    b = workflows.train(cfg, echo=False).run_dir
+    shutil.rmtree(b / "checkpoints" / "step_00000020")
+    (b / "status").write_text("interrupted\n")
+    workflows.resume(b, echo=False)
+    sa, _ = load_checkpoint(a / "checkpoints" / "step_00000020")
+    sb, _ = load_checkpoint(b / "checkpoints" / "step_00000020")
+    assert all(torch.equal(t, sb["model"][k]) for k, t in sa["model"].items())
+    assert torch.equal(sa["loader"]["states"], sb["loader"]["states"])
