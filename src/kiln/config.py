@@ -471,6 +471,11 @@ class LatticeSection(Section):
     pool_size: PositiveInt = Field(
         32, description="Lattice states kept between steps (at least the step's batch)."
     )
+    seed_scale: NonNegFloat = Field(
+        1.0,
+        description="Seed state: visible channels alternate +seed_scale, -seed_scale; 0 is the "
+        "empty lattice, whose LayerNorms make gradients explode with depth.",
+    )
     replace_worst: bool = Field(
         True, description="Each step, reset the batch's highest-loss pool state to the seed."
     )

@@ -10,10 +10,11 @@ import torch
 from kiln.jobs.lattice_pool import LatticePool
 
 SHAPE = (2, 3, 3, 4)  # D, H, W, K
+SEED = torch.full(SHAPE, -0.5)
 
 
 def pool(**changes: object) -> LatticePool:
-    settings = {"pool_size": 6, "state_shape": SHAPE, "num_pairs": 10, "samples": 3, "seed": 1}
+    settings = {"pool_size": 6, "seed_state": SEED, "num_pairs": 10, "samples": 3, "seed": 1}
     return LatticePool(**{**settings, **changes})
 
 
@@ -37,13 +38,13 @@ def test_batches_hold_distinct_slots_their_states_and_seeds() -> None:
 
 def test_worst_slot_of_the_batch_restarts_from_the_seed_state() -> None:
     p = pool()
-    first = p.next_batch()  # no losses recorded yet: nothing is replaced
-    assert torch.all(first["state"] == 0)
+    first = p.next_batch()  # every slot starts from the seed; no losses yet: nothing replaced
+    assert torch.all(first["state"] == -0.5)
     fill(p)
     batch = p.next_batch()
     worst = int(batch["slot"].argmax())  # loss == slot index, so the largest index is worst
     for i, slot in enumerate(batch["slot"].tolist()):
-        expected = 0.0 if i == worst else slot + 1
+        expected = -0.5 if i == worst else slot + 1
         assert torch.all(batch["state"][i] == expected)
     assert torch.all(p.states[batch["slot"][worst]] != 0)  # the pool itself is untouched
 
@@ -52,7 +53,7 @@ def test_write_back_replaces_the_tensor_so_earlier_state_dicts_stay_valid() -> N
     p = pool()
     before = p.state_dict()
     p.write_back(torch.tensor([2]), torch.ones(1, *SHAPE), torch.tensor([0.5]))
-    assert torch.all(before["states"] == 0) and math.isnan(before["losses"][2])
+    assert torch.all(before["states"] == -0.5) and math.isnan(before["losses"][2])
     assert torch.all(p.states[2] == 1) and p.losses[2] == 0.5
 
 

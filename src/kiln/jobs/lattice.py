@@ -32,7 +32,7 @@ from kiln.data.text_encoders import build_encoder
 from kiln.errors import ConfigError, DataError
 from kiln.jobs.lattice_pool import LatticePool
 from kiln.models.lattice import LatticeShape
-from kiln.models.lattice_adapter import AdaptedLattice
+from kiln.models.lattice_adapter import AdaptedLattice, seed_state
 
 COMPONENTS = ("surface", "internal", "dialogue")
 EVAL_SEED_SALT = 0x5EED
@@ -60,7 +60,7 @@ def sample_losses(
     model: AdaptedLattice,
     question: torch.Tensor,
     answer: torch.Tensor,
-    state: torch.Tensor | None,
+    state: torch.Tensor,
     generator: torch.Generator | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per-sample loss components (each (B,)), the output (B, H*W) and the final state."""
@@ -109,9 +109,10 @@ class LatticeJob:
         self.val_q = cache.embed([p.question for p in val]).to(device)
         self.val_a = cache.embed([p.answer for p in val]).to(device)
         self.model = build_model(config, encoder.dim)
+        self.seed_state = seed_state(shape, section.seed_scale)  # (D, H, W, K), on the CPU
         self.batches = LatticePool(
             pool_size=section.pool_size,
-            state_shape=(shape.depth, shape.height, shape.width, shape.channels + shape.memory),
+            seed_state=self.seed_state,
             num_pairs=len(train),
             samples=samples,
             seed=config.seed,
@@ -159,7 +160,7 @@ class LatticeJob:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, *, final: bool = False) -> dict[str, Any]:
-        """Held-out pairs from an empty lattice: the losses, answer retrieval and pool diversity.
+        """Held-out pairs from the seed state: the losses, answer retrieval and pool diversity.
 
         Retrieval: a question counts as answered when its output is closer (cosine) to its own
         answer's target than to any other held-out answer's.
@@ -170,7 +171,8 @@ class LatticeJob:
         outputs = []
         for start in range(0, self.val_q.shape[0], size):
             q, a = self.val_q[start : start + size], self.val_a[start : start + size]
-            parts, output, _ = sample_losses(model, q, a, None, generator)
+            state = self.seed_state.to(self.device).expand(q.shape[0], *self.seed_state.shape)
+            parts, output, _ = sample_losses(model, q, a, state, generator)
             outputs.append(output)
             for name in COMPONENTS:
                 sums[name] += float(parts[name].sum())

@@ -2,10 +2,11 @@
 
 Each step takes ``samples`` pool slots (a seeded random choice without replacement) and the next
 ``samples`` training pairs of a seeded per-epoch permutation. With ``replace_worst``, the slot
-whose last recorded loss is the highest starts again from the seed state (an empty lattice), as
-in Growing NCA's pool training. The batch carries the slots' starting states, their indices and
-one seed per sample for the fire-rate masks, so a step redone with smaller micro-batches (after
-an out-of-memory error) starts from the same states and writes the same slots again.
+whose last recorded loss is the highest starts again from the seed state (where every slot
+starts), as in Growing NCA's pool training. The batch carries the slots' starting states, their
+indices and one seed per sample for the fire-rate masks, so a step redone with smaller
+micro-batches (after an out-of-memory error) starts from the same states and writes the same
+slots again.
 
 The job writes each micro-batch's detached final states and per-sample losses back with
 ``write_back``. Updates replace ``states`` by a new tensor instead of writing into it, so a
@@ -31,7 +32,7 @@ class LatticePool:
         self,
         *,
         pool_size: int,
-        state_shape: tuple[int, int, int, int],
+        seed_state: torch.Tensor,
         num_pairs: int,
         samples: int,
         seed: int,
@@ -44,10 +45,10 @@ class LatticePool:
             raise ValueError(f"a step takes {samples} dialogue pairs but there are {num_pairs}")
         self.pool_size, self.samples, self.num_pairs = pool_size, samples, num_pairs
         self.seed, self.replace_worst, self.channels_last = seed, replace_worst, channels_last
-        d, h, w, k = state_shape
+        self.seed_state = seed_state.float()  # (D, H, W, K)
         # channels-last keeps the model's (D, H, W, K) layout; channels-first stores (K, D, H, W).
-        stored = (pool_size, d, h, w, k) if channels_last else (pool_size, k, d, h, w)
-        self.states = torch.zeros(stored)
+        stored = self.seed_state if channels_last else self.seed_state.permute(3, 0, 1, 2)
+        self.states = stored.expand(pool_size, *stored.shape).contiguous()
         self.losses = torch.full((pool_size,), math.nan)
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch = 0
@@ -75,7 +76,7 @@ class LatticePool:
             if not torch.isnan(known).all():
                 worst = int(torch.nan_to_num(known, nan=-math.inf).argmax())
                 states = states.clone()
-                states[worst] = 0.0  # the seed: an empty lattice
+                states[worst] = self.seed_state
         seeds = torch.randint(SEED_BOUND, (self.samples,), generator=self.generator)
         return {"slot": slots, "pair": self._pairs(), "state": states, "seed": seeds}
 
