@@ -178,6 +178,24 @@ def test_resume_is_byte_exact_including_the_pool(
     assert rows_a == rows_b
 
 
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("lattice.sharing=some", ["lattice.sharing", "'some'", "'per_depth'"]),
+        ("lattice.fire_rate=0", ["lattice.fire_rate", "greater than 0"]),
+        ("lattice.loss.internal=-1", ["lattice.loss.internal", "greater than or equal to 0"]),
+        ("lattice.encoder=bert", ["lattice.encoder", "'minilm'", "'hashed'"]),
+    ],
+)
+def test_bad_lattice_settings_name_the_key(
+    tmp_path: Path, override: str, fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, override)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
 def test_pool_larger_than_batch_is_required(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, "lattice.pool_size=4", "training.grad_accum_steps=2")
     with pytest.raises(ConfigError, match=r"lattice.pool_size 4 is smaller than a step's batch"):
