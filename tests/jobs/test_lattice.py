@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, apply_overrides, validate_config
+from kiln.data.text_encoders import HashedNgramEncoder
 from kiln.errors import ConfigError
 from kiln.jobs.lattice import COMPONENTS, LatticeJob
 from kiln.repro import seed_everything
@@ -244,3 +245,28 @@ def test_cuda_lattice_training_is_deterministic_and_resumes(tmp_path: Path) -> N
     sb, _ = load_checkpoint(b / "checkpoints" / "step_00000020")
     assert all(torch.equal(t, sb["model"][k]) for k, t in sa["model"].items())
     assert torch.equal(sa["loader"]["states"], sb["loader"]["states"])
+
+
+def test_cache_misses_and_hits_give_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class RandomDrawingEncoder:
+        """A teacher that, like a model being loaded, draws from the global RNG."""
+
+        name, dim = "draws-v1", 16
+
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            torch.rand(1000)
+            return HashedNgramEncoder(16).encode(texts)
+
+    from kiln.jobs import lattice as lattice_job
+
+    cfg = tiny_config(tmp_path, "training.max_steps=5")
+    monkeypatch.setattr(lattice_job, "build_encoder", lambda *_: RandomDrawingEncoder())
+    miss = workflows.train(cfg, echo=False).run_dir
+    hit = workflows.train(cfg, echo=False).run_dir
+    assert "0 hits" in (miss / "train.log").read_text()
+    assert "0 misses" in (hit / "train.log").read_text()
+    a, _ = load_checkpoint(list_checkpoints(miss / "checkpoints")[-1].path)
+    b, _ = load_checkpoint(list_checkpoints(hit / "checkpoints")[-1].path)
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())

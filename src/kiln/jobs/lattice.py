@@ -102,13 +102,16 @@ class LatticeJob:
                 f"batch of {samples}; add pairs or lower training.micro_batch_size"
             )
         encoder = build_encoder(section.encoder, section.encoder_dim)
-        cache = EmbeddingCache(encoder, Path(section.cache_dir) if section.cache_dir else None)
-        self.train_q = cache.embed([p.question for p in train]).to(device)
-        self.train_a = cache.embed([p.answer for p in train]).to(device)
-        val = val[: section.eval_pairs]
-        self.val_q = cache.embed([p.question for p in val]).to(device)
-        self.val_a = cache.embed([p.answer for p in val]).to(device)
         self.model = build_model(config, encoder.dim)
+        cache = EmbeddingCache(encoder, Path(section.cache_dir) if section.cache_dir else None)
+        val = val[: section.eval_pairs]
+        # A teacher loaded on a cache miss may draw from the global RNG; a hit loads nothing.
+        # Forking keeps the run's random stream the same either way.
+        with torch.random.fork_rng(devices=[]):
+            self.train_q = cache.embed([p.question for p in train]).to(device)
+            self.train_a = cache.embed([p.answer for p in train]).to(device)
+            self.val_q = cache.embed([p.question for p in val]).to(device)
+            self.val_a = cache.embed([p.answer for p in val]).to(device)
         self.seed_state = seed_state(shape, section.seed_scale)  # (D, H, W, K), on the CPU
         self.batches = LatticePool(
             pool_size=section.pool_size,
