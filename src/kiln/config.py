@@ -162,7 +162,11 @@ class ModelSection(Section):
 class OptimizerSection(Section):
     """Optimizer and the explicit objective terms lambda_W*||theta||^2 + lambda_sparse*|theta|_1."""
 
-    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw (default) or sgd.")
+    name: Literal["adamw", "adamw8bit", "sgd"] = Field(
+        "adamw",
+        description="adamw (default), adamw8bit (bitsandbytes 8-bit AdamW, the 'bnb' extra) "
+        "or sgd.",
+    )
     lr: Annotated[float, Field(gt=0.0)] = Field(1e-3, description="Peak learning rate.")
     betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="AdamW betas.")
     eps: Annotated[float, Field(gt=0.0)] = Field(1e-8, description="AdamW epsilon.")
@@ -217,6 +221,12 @@ class HardwareSection(Section):
         "resolved number is recorded, since results differ in the last bits across counts.",
     )
     deterministic: bool = Field(True, description="Deterministic algorithms and cuDNN flags.")
+    keep_freed_memory: bool = Field(
+        False,
+        description="glibc: keep large freed blocks on the heap for reuse instead of returning "
+        "them to the OS (faster steps with big temporaries, e.g. the full lattice; resident "
+        "memory stays at its peak).",
+    )
 
 
 class StrategySection(Section):
@@ -418,12 +428,97 @@ class HashtronSection(Section):
         return hashtron_settings.HashtronSettings.from_dict(self.model_dump())
 
 
+class LatticeLossSection(Section):
+    """Fixed weights of the lattice job's loss components (config values, never trained)."""
+
+    surface: NonNegFloat = Field(
+        1.0, description="Mean squared error between the back-face output and the answer embedding."
+    )
+    internal: NonNegFloat = Field(
+        0.1,
+        description="Smoothness of the internal state: mean squared difference between "
+        "adjacent depth slices of the visible channels.",
+    )
+    dialogue: NonNegFloat = Field(
+        1.0, description="1 - cosine between the output and the answer embedding."
+    )
+
+
+class LatticeSection(Section):
+    """The lattice job (``job: lattice``): a 3D grid of gMLP cells maps a question's embedding,
+    written on its front face, to the answer's embedding, read from its back face."""
+
+    depth: PositiveInt = Field(11, description="Cells along z (input face z=0, output z=D-1).")
+    height: PositiveInt = Field(15, description="Cells along y.")
+    width: PositiveInt = Field(15, description="Cells along x; a face holds height*width values.")
+    channels: PositiveInt = Field(32, description="Visible state channels per cell.")
+    memory: NonNegInt = Field(16, description="Private memory channels per cell; 0: none.")
+    hidden: PositiveInt = Field(184, description="Half width of a cell's gMLP channel projection.")
+    sharing: Literal["none", "per_depth", "all"] = Field(
+        "none", description="Weights per cell (none), per depth slice, or one set (all: 3D NCA)."
+    )
+    boundary: Literal["zero", "replicate", "periodic"] = Field(
+        "zero", description="What neighbours beyond the faces read."
+    )
+    steps: PositiveInt | None = Field(
+        None, description="Propagation steps per sample; null: depth - 1 (crosses the depth)."
+    )
+    fire_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        1.0, description="Probability that a cell applies its update in a step (seeded)."
+    )
+    alive_threshold: float | None = Field(
+        None, description="NCA alive masking on channel 0 at this threshold; null: off."
+    )
+    inject: Literal["once", "every_step"] = Field(
+        "once", description="Write the input on the front face once or before every step."
+    )
+    encoder: Literal["minilm", "hashed"] = Field(
+        "minilm",
+        description="Teacher text encoder: minilm (all-MiniLM-L6-v2, the 'minilm' extra) or "
+        "hashed (deterministic trigram hashing, no model).",
+    )
+    encoder_dim: PositiveInt = Field(64, description="Embedding size of the hashed encoder.")
+    dialogue_path: str = Field(
+        "packaged", description="JSONL of {question, answer}; 'packaged' is Kiln's stdlib set."
+    )
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.1, description="Share of dialogue pairs held out for validation (seeded split)."
+    )
+    eval_pairs: PositiveInt = Field(
+        32, description="Validation pairs used per evaluation (the first N of the held-out set)."
+    )
+    cache_dir: str | None = Field(
+        "~/.cache/kiln/embeddings",
+        description="Teacher embeddings cached by content hash; null: no cache.",
+    )
+    pool_size: PositiveInt = Field(
+        32, description="Lattice states kept between steps (at least the step's batch)."
+    )
+    seed_scale: NonNegFloat = Field(
+        1.0,
+        description="Seed state: visible channels alternate +seed_scale, -seed_scale; 0 is the "
+        "empty lattice, whose LayerNorms make gradients explode with depth.",
+    )
+    replace_worst: bool = Field(
+        True, description="Each step, reset the batch's highest-loss pool state to the seed."
+    )
+    loss: LatticeLossSection = Field(default_factory=LatticeLossSection)
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each propagation step in backward (less memory, slower)."
+    )
+    channels_last_3d: bool = Field(
+        True,
+        description="Keep pool states channels-last (B, D, H, W, K), the model's layout; false "
+        "stores them channels-first (B, K, D, H, W) and permutes per batch.",
+    )
+
+
 class Config(Section):
     """The whole truth about a run."""
 
     seed: NonNegInt = Field(1337, description="Seeds python, numpy and torch RNGs.")
-    job: Literal["lm", "hashtron"] = Field(
-        "lm", description="What is trained: lm (the GPT code model) or hashtron."
+    job: Literal["lm", "hashtron", "lattice"] = Field(
+        "lm", description="What is trained: lm (the GPT code model), hashtron or lattice."
     )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -440,6 +535,7 @@ class Config(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     hashtron: HashtronSection = Field(default_factory=HashtronSection)
+    lattice: LatticeSection = Field(default_factory=LatticeSection)
 
     @model_validator(mode="after")
     def _strategy_fits_job(self) -> Config:

@@ -27,6 +27,7 @@ from kiln.checkpoint import (
     load_latest_valid,
 )
 from kiln.config import Config, resolve_config
+from kiln.engine.allocator import keep_freed_memory
 from kiln.engine.distributed import (
     Local,
     check_world,
@@ -69,6 +70,8 @@ class TrainOutcome:
 def prepare_process(config: Config) -> torch.device:
     """Pin threads, set determinism flags and seed every RNG before anything random happens."""
     pin_threads(int(config.hardware.threads))
+    if config.hardware.keep_freed_memory:
+        keep_freed_memory()
     set_determinism(config.hardware.deterministic)
     seed_everything(config.seed)
     device = torch.device(config.hardware.device)
@@ -231,7 +234,8 @@ def load_trained_model(
         raise RunError(
             f"{run.path} is a {run.config.job} run: `kiln eval` and `kiln generate` work on "
             "lm runs only. A hashtron run's train and eval accuracy are in its metrics.json "
-            "(and per step in metrics.jsonl); `kiln export` writes its network."
+            "(and per step in metrics.jsonl); a lattice run's evaluations are in metrics.jsonl "
+            "and eval/<step>.json; `kiln export` writes either's network."
         )
     device = prepare_process(run.config)
     info, state = load_chosen_checkpoint(run.path, which)
@@ -328,10 +332,10 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "val_loss": info.meta.get("val_loss"),
         "best_val_loss": summary.get("best_val_loss"),
     }
-    files = {
-        "tokenizer.json": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-        "config.yaml": config_text,
-    }
+    files = {"config.yaml": config_text}
+    tokenizer = run_dir / "tokenizer.json"
+    if tokenizer.is_file():  # jobs without a tokenizer (lattice) export weights and config only
+        files["tokenizer.json"] = tokenizer.read_text(encoding="utf-8")
     return export_bundle(Path(to_dir), model_state=state["model"], files=files, metadata=metadata)
 
 

@@ -13,6 +13,7 @@ from kiln.engine.optim import (
     lr_factor,
     regularization_terms,
 )
+from kiln.errors import ConfigError
 
 
 def test_warmup_then_cosine_to_min() -> None:
@@ -74,3 +75,77 @@ def test_l2_gradient_is_two_lambda_theta() -> None:
     terms = regularization_terms(model, OptimizerSection(l2=0.1))
     terms["l2"].backward()
     assert torch.allclose(model.weight.grad, 0.2 * model.weight.detach())
+
+
+def _tiny_lattice() -> nn.Module:
+    from kiln.models.lattice import Lattice, LatticeShape
+
+    torch.manual_seed(0)
+    return Lattice(LatticeShape(depth=2, height=2, width=3, channels=4, memory=2, hidden=8,
+                                input_dim=6, output_dim=6))
+
+
+def test_stacked_per_cell_vectors_are_not_decayed() -> None:
+    model = _tiny_lattice()
+    opt = build_optimizer(model, OptimizerSection(weight_decay=0.1))
+    decayed, plain = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    cell = model.cell
+    for matrix in (cell.value_w, cell.gate_w, cell.mix_w, cell.down_w, cell.mem_in):
+        assert id(matrix) in decayed
+    # (cells, C) stacks of LayerNorm gains and biases have 2 dims but are vectors per cell.
+    for vector in (cell.norm_w, cell.value_b, cell.gate_norm_w, cell.mix_b, model.write_w):
+        assert vector.ndim == 2 and id(vector) in plain
+    assert len(decayed) + len(plain) == len(list(model.parameters()))
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_adamw8bit_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_bnb(name: str, *args: object, **kwargs: object) -> object:
+        if name == "bitsandbytes":
+            raise ImportError(name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_bnb)
+    with pytest.raises(ConfigError, match=r"kiln-train\[bnb\]"):
+        build_optimizer(nn.Linear(2, 2), OptimizerSection(name="adamw8bit"))
+
+
+@pytest.mark.skipif(not _has_bitsandbytes(), reason="bitsandbytes (the 'bnb' extra) is absent")
+def test_adamw8bit_keeps_8bit_state_for_big_tensors_and_round_trips() -> None:
+    def run(
+        steps: int, start: int = 0, state: dict | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 4))
+        opt = build_optimizer(model, OptimizerSection(name="adamw8bit", weight_decay=0.01))
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        for i in range(start, start + steps):
+            gen = torch.Generator().manual_seed(i)
+            loss = model(torch.randn(8, 128, generator=gen)).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    model, opt = run(3)
+    big = opt.state[model[0].weight]  # 8192 elements: quantised; the small ones stay 32-bit
+    assert big["state1"].dtype == torch.uint8 and big["state2"].dtype == torch.uint8
+    state = {"model": model.state_dict(), "opt": opt.state_dict()}
+    # Resuming from the state dict is bit-exact: 3 + 2 steps equal 5 straight steps.
+    resumed, _ = run(2, start=3, state=state)
+    straight, _ = run(5)
+    for a, b in zip(resumed.parameters(), straight.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -4,27 +4,59 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
 from kiln.config import OptimizerSection, ScheduleSection
+from kiln.errors import ConfigError
+
+BNB_EXTRA = "bnb"
+
+
+def decayed_parameters(model: nn.Module) -> set[int]:
+    """Ids of the parameters that get weight decay: the matrices.
+
+    By default a matrix is a tensor of 2+ dimensions. A model that stacks many small tensors
+    along a leading dimension (the lattice's per-cell weights: a (cells, C) stack of LayerNorm
+    gains is still a set of vectors) names its matrices with ``decayed_parameters()``.
+    """
+    named = getattr(model, "decayed_parameters", None)
+    if callable(named):
+        return {id(p) for p in named()}
+    return {id(p) for p in model.parameters() if p.ndim >= 2}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Optimizer:
-    """AdamW (default) or SGD with momentum; weight decay applies to matrices only.
+    """AdamW (default), 8-bit AdamW or SGD with momentum; weight decay applies to matrices only.
 
     Biases, LayerNorm gains and other vectors are not decayed: shrinking them towards zero
     fights normalisation rather than regularising capacity.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    decayed = decayed_parameters(model)
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    if cfg.name == "adamw8bit":
+        return _bitsandbytes().optim.AdamW8bit(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _bitsandbytes() -> Any:
+    """The bitsandbytes module (>= 0.50: 8-bit optimizers on CPU too), or a ConfigError."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            f"optimizer.name 'adamw8bit' needs bitsandbytes >= 0.50: pip install "
+            f"'kiln-train[{BNB_EXTRA}]', or set optimizer.name: adamw"
+        ) from None
+    return bitsandbytes
 
 
 def lr_factor(step: int, *, cfg: ScheduleSection, max_steps: int) -> float:

@@ -13,6 +13,7 @@ import torch
 
 from kiln.config import Config
 from kiln.engine.job import TrainableJob
+from kiln.jobs.lattice import LatticeJob
 from kiln.jobs.lm import LMJob
 
 Log = Callable[[str], None]
@@ -20,6 +21,7 @@ JobFactory = Callable[[Config, Path, torch.device, Log], TrainableJob]
 
 GRADIENT_JOBS: dict[str, JobFactory] = {
     "lm": LMJob,
+    "lattice": LatticeJob,
 }
 
 

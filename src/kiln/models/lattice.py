@@ -205,6 +205,11 @@ class Lattice(nn.Module):
         """Trainable parameters (equals ``shape.num_parameters()``)."""
         return sum(p.numel() for p in self.parameters())
 
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        """The weight matrices, for weight decay: per-cell stacks of vectors are not matrices."""
+        dense = [layer.weight for layer in (self.write, self.read) if layer is not None]
+        return [*self.cell.matrices(), *dense]
+
     # ---- state ---------------------------------------------------------------------------------
 
     def initial_state(

@@ -78,6 +78,11 @@ class StackedGMLPCell(nn.Module):
         self.mem_in = nn.Parameter(torch.empty(g, m, c)) if m else None
         self.reset_parameters()
 
+    def matrices(self) -> list[nn.Parameter]:
+        """The stacked weight matrices (G, in, out); the rest are stacked vectors."""
+        found = [self.value_w, self.gate_w, self.mix_w, self.down_w, self.mem_in]
+        return [p for p in found if p is not None]
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Fan-in scaled normal weights; the gating unit starts near the identity."""

@@ -1,0 +1,272 @@
+"""The lattice job end to end: training, logged components, fixed loss weights, byte-exact resume
+with the pool, truncated backprop over many steps without memory growth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln import workflows
+from kiln.checkpoint import list_checkpoints, load_checkpoint
+from kiln.config import Config, apply_overrides, validate_config
+from kiln.data.text_encoders import HashedNgramEncoder
+from kiln.errors import ConfigError
+from kiln.jobs.lattice import COMPONENTS, LatticeJob
+from kiln.repro import seed_everything
+from kiln.run import read_metrics
+
+TINY = {
+    "job": "lattice",
+    "seed": 3,
+    "lattice": {
+        "depth": 3, "height": 4, "width": 5, "channels": 4, "memory": 2, "hidden": 8,
+        "encoder": "hashed", "encoder_dim": 16, "pool_size": 8, "eval_pairs": 8,
+    },
+    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
+    "schedule": {"warmup_steps": 2},
+    "training": {"max_steps": 20, "micro_batch_size": 4},
+    "checkpoint": {"every_steps": 10},
+    "eval": {"every_steps": 10},
+    "logging": {"every_steps": 5, "progress": False},
+    "hardware": {"device": "cpu", "threads": 1},
+}
+
+
+def write_pairs(path: Path, count: int = 24) -> Path:
+    words = ["kiln", "clay", "glaze", "ember", "slip", "wheel", "ash", "bisque"]
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(count):
+            a, b = words[i % 8], words[(3 * i + 1) % 8]
+            f.write(json.dumps({"question": f"what joins {a} and {b} {i}?",
+                                "answer": f"{b} follows {a} in round {i}"}) + "\n")
+    return path
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> Config:
+    base = [
+        f"run.root={tmp_path / 'experiments'}",
+        f"lattice.cache_dir={tmp_path / 'embeddings'}",
+        f"lattice.dialogue_path={write_pairs(tmp_path / 'pairs.jsonl')}",
+    ]
+    return validate_config(apply_overrides(TINY, [*base, *overrides]))
+
+
+def make_job(config: Config, tmp_path: Path) -> LatticeJob:
+    seed_everything(config.seed)
+    return LatticeJob(config, tmp_path, torch.device("cpu"), lambda _msg: None)
+
+
+def test_tiny_lattice_trains_and_logs_every_component(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "training.max_steps=60", "eval.every_steps=30")
+    outcome = workflows.train(cfg, echo=False)
+    assert outcome.status == "completed" and outcome.step == 60
+    rows = [r for r in read_metrics(outcome.run_dir) if "loss" in r]
+    for row in rows:
+        parts = [row[f"loss_{name}"] for name in COMPONENTS]
+        assert all(torch.isfinite(torch.tensor(parts)))
+        # The logged loss is the weighted sum of the logged components (weights 1, 0.1, 1).
+        assert row["loss"] == pytest.approx(parts[0] + 0.1 * parts[1] + parts[2], rel=1e-5)
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first
+    evals = [r for r in read_metrics(outcome.run_dir) if r.get("event") == "eval"]
+    assert [r["step"] for r in evals] == [30, 60]
+    for key in ("val_surface", "val_internal", "val_dialogue", "val_retrieval", "pool_diversity"):
+        assert key in evals[-1], key
+    assert evals[-1]["pool_diversity"] > 0
+    assert outcome.report and "answer retrieval" in outcome.report
+    log = (outcome.run_dir / "train.log").read_text()
+    assert "60 cells" in log and "parameters in all" in log
+
+
+def test_loss_weights_are_config_values_not_parameters(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "lattice.loss.surface=2.0", "lattice.loss.internal=0.5",
+                      "lattice.loss.dialogue=3.0", "training.max_steps=5")
+    job = make_job(cfg, tmp_path)
+    assert job.weights == {"surface": 2.0, "internal": 0.5, "dialogue": 3.0}
+    names = [name for name, _ in job.model.named_parameters()]
+    assert all(name.startswith(("adapter.", "lattice.")) for name in names)
+    shape = job.model.lattice.shape
+    adapter = sum(p.numel() for p in job.model.adapter.parameters())
+    assert job.model.num_parameters() == shape.num_parameters() + adapter
+    with torch.no_grad():
+        loss, parts = job.loss(job.model, job.batches.next_batch())
+    expected = 2.0 * parts["surface"] + 0.5 * parts["internal"] + 3.0 * parts["dialogue"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    # Training moves every parameter group but never the weights of the loss.
+    outcome = workflows.train(cfg, echo=False)
+    snapshot = (outcome.run_dir / "config_snapshot.yaml").read_text()
+    assert "surface: 2.0" in snapshot and "dialogue: 3.0" in snapshot
+    state, _ = load_checkpoint(list_checkpoints(outcome.run_dir / "checkpoints")[-1].path)
+    assert not any("loss" in key for key in state["model"])
+
+
+def test_the_adapter_is_trained_and_checkpointed(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "training.max_steps=4")
+    job = make_job(cfg, tmp_path)
+    loss, _ = job.loss(job.model, job.batches.next_batch())
+    loss.backward()
+    assert job.model.adapter.weight.grad is not None
+    assert job.model.adapter.weight.grad.abs().sum() > 0
+    outcome = workflows.train(cfg, echo=False)
+    state, _ = load_checkpoint(list_checkpoints(outcome.run_dir / "checkpoints")[-1].path)
+    assert state["model"]["adapter.weight"].shape == (20, 16)
+    bundle = workflows.export_run(outcome.run_dir, tmp_path / "export")
+    exported = load_file(bundle / "model.safetensors")
+    assert torch.equal(exported["adapter.weight"], state["model"]["adapter.weight"])
+    assert not (bundle / "tokenizer.json").exists() and (bundle / "config.yaml").is_file()
+
+
+def test_the_seed_state_keeps_gradients_finite_through_a_deep_lattice(tmp_path: Path) -> None:
+    """From the empty lattice, LayerNorm of all-zero tokens (slope 1/sqrt(eps)) compounds over
+    the 10 propagation steps of an 11-deep lattice; the default seed state avoids that."""
+    norms = {}
+    for scale in (0.0, 1.0):
+        cfg = tiny_config(tmp_path, "lattice.depth=11", "lattice.height=3", "lattice.width=3",
+                          "lattice.channels=8", f"lattice.seed_scale={scale}")
+        job = make_job(cfg, tmp_path)
+        loss, _ = job.loss(job.model, job.batches.next_batch())
+        loss.backward()
+        norms[scale] = torch.sqrt(sum(p.grad.square().sum() for p in job.model.parameters()))
+    assert norms[0.0] > 1e6 and norms[1.0] < 1e4, norms
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("lattice.fire_rate=1.0",),
+        ("lattice.fire_rate=0.5", "lattice.channels_last_3d=false", "precision.dtype=bf16"),
+        pytest.param(
+            ("optimizer.name=adamw8bit", "lattice.hidden=512"),
+            marks=pytest.mark.skipif(not _has_bitsandbytes(), reason="the 'bnb' extra is absent"),
+        ),
+    ],
+    ids=["deterministic", "stochastic-channels-first-bf16", "adamw8bit"],
+)
+def test_resume_is_byte_exact_including_the_pool(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    cfg = tiny_config(tmp_path, *overrides)
+    straight = workflows.train(cfg, echo=False).run_dir
+    broken = workflows.train(cfg, echo=False).run_dir
+    shutil.rmtree(broken / "checkpoints" / "step_00000020")  # died after step 10 was saved
+    (broken / "status").write_text("interrupted\n")
+    assert workflows.resume(broken, echo=False).status == "completed"
+    a, _ = load_checkpoint(straight / "checkpoints" / "step_00000020")
+    b, _ = load_checkpoint(broken / "checkpoints" / "step_00000020")
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    pool_a, pool_b = a["loader"], b["loader"]
+    assert torch.equal(pool_a["states"], pool_b["states"])
+    torch.testing.assert_close(pool_a["losses"], pool_b["losses"], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(pool_a["generator"], pool_b["generator"])
+    assert (pool_a["epoch"], pool_a["position"]) == (pool_b["epoch"], pool_b["position"])
+    assert pool_a["states"].abs().sum() > 0  # the pool really holds trained states
+    rows_a = [r["loss"] for r in read_metrics(straight) if "loss" in r]
+    rows_b = [r["loss"] for r in read_metrics(broken) if "loss" in r]
+    assert rows_a == rows_b
+
+
+@pytest.mark.parametrize(
+    ("override", "fragments"),
+    [
+        ("lattice.sharing=some", ["lattice.sharing", "'some'", "'per_depth'"]),
+        ("lattice.fire_rate=0", ["lattice.fire_rate", "greater than 0"]),
+        ("lattice.loss.internal=-1", ["lattice.loss.internal", "greater than or equal to 0"]),
+        ("lattice.encoder=bert", ["lattice.encoder", "'minilm'", "'hashed'"]),
+    ],
+)
+def test_bad_lattice_settings_name_the_key(
+    tmp_path: Path, override: str, fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        tiny_config(tmp_path, override)
+    for fragment in fragments:
+        assert fragment in str(err.value), str(err.value)
+
+
+def test_pool_larger_than_batch_is_required(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "lattice.pool_size=4", "training.grad_accum_steps=2")
+    with pytest.raises(ConfigError, match=r"lattice.pool_size 4 is smaller than a step's batch"):
+        make_job(cfg, tmp_path)
+
+
+def _memory_rows(tmp_path: Path, steps: int) -> list[dict]:
+    """Train ``steps`` steps on a lattice big enough that a leaked graph per step would show."""
+    cfg = tiny_config(
+        tmp_path, "lattice.depth=4", "lattice.height=6", "lattice.width=6", "lattice.channels=8",
+        "lattice.hidden=32", "lattice.fire_rate=0.5", f"training.max_steps={steps}",
+        "checkpoint.every_steps=0", "eval.every_steps=0", "logging.every_steps=25",
+    )
+    outcome = workflows.train(cfg, echo=False)
+    assert outcome.status == "completed" and outcome.step == steps
+    return [r for r in read_metrics(outcome.run_dir) if "loss" in r]
+
+
+def _assert_flat_memory(rows: list[dict]) -> None:
+    # One step's autograd graph here is a few MB; keeping the graphs (state not detached) would
+    # grow memory by that much every step, and backward would fail on the second step anyway.
+    after_warmup = rows[len(rows) // 4]["memory_bytes"]
+    assert max(r["memory_bytes"] for r in rows) - after_warmup < 48 * 2**20
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_many_consecutive_steps_without_memory_growth(tmp_path: Path) -> None:
+    _assert_flat_memory(_memory_rows(tmp_path, 200))
+
+
+@pytest.mark.slow
+def test_thousand_consecutive_steps_without_memory_growth(tmp_path: Path) -> None:
+    _assert_flat_memory(_memory_rows(tmp_path, 1000))
+
+
+@pytest.mark.cuda
+def test_cuda_lattice_training_is_deterministic_and_resumes(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, "hardware.device=cuda", "precision.dtype=bf16",
+                      "lattice.fire_rate=0.5")
+    a = workflows.train(cfg, echo=False).run_dir
+    b = workflows.train(cfg, echo=False).run_dir
+    shutil.rmtree(b / "checkpoints" / "step_00000020")
+    (b / "status").write_text("interrupted\n")
+    workflows.resume(b, echo=False)
+    sa, _ = load_checkpoint(a / "checkpoints" / "step_00000020")
+    sb, _ = load_checkpoint(b / "checkpoints" / "step_00000020")
+    assert all(torch.equal(t, sb["model"][k]) for k, t in sa["model"].items())
+    assert torch.equal(sa["loader"]["states"], sb["loader"]["states"])
+
+
+def test_cache_misses_and_hits_give_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class RandomDrawingEncoder:
+        """A teacher that, like a model being loaded, draws from the global RNG."""
+
+        name, dim = "draws-v1", 16
+
+        def encode(self, texts: list[str]) -> torch.Tensor:
+            torch.rand(1000)
+            return HashedNgramEncoder(16).encode(texts)
+
+    from kiln.jobs import lattice as lattice_job
+
+    cfg = tiny_config(tmp_path, "training.max_steps=5")
+    monkeypatch.setattr(lattice_job, "build_encoder", lambda *_: RandomDrawingEncoder())
+    miss = workflows.train(cfg, echo=False).run_dir
+    hit = workflows.train(cfg, echo=False).run_dir
+    assert "0 hits" in (miss / "train.log").read_text()
+    assert "0 misses" in (hit / "train.log").read_text()
+    a, _ = load_checkpoint(list_checkpoints(miss / "checkpoints")[-1].path)
+    b, _ = load_checkpoint(list_checkpoints(hit / "checkpoints")[-1].path)
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
