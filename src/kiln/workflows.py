@@ -35,6 +35,8 @@ from kiln.hashtron.tasks import Task
 from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
 from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
 from kiln.jobs.lm_sampling import infill_text, sample_text
+from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
+from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
@@ -75,6 +77,8 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     # A hashtron task (name, options, data files) and its layers are checked before the run
     # directory exists, as the schema checks everything else.
     task = load_task_for(config) if config.job == "hashtron" else None
+    if config.job == "nca":
+        grid_target(config.nca)  # a missing or unusable target image fails here
     run = Run.create(config, echo=echo)
     run.log(f"run {run.id} in {run.path}")
     return _train_in(run, resume=False, hashtron_task=task)
@@ -290,11 +294,24 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "val_loss": info.meta.get("val_loss"),
         "best_val_loss": summary.get("best_val_loss"),
     }
-    files = {
-        "tokenizer.json": (run_dir / "tokenizer.json").read_text(encoding="utf-8"),
-        "config.yaml": config_text,
-    }
+    files = {"config.yaml": config_text}
+    if (run_dir / "tokenizer.json").is_file():  # lm runs; an nca model needs none
+        files["tokenizer.json"] = (run_dir / "tokenizer.json").read_text(encoding="utf-8")
     return export_bundle(Path(to_dir), model_state=state["model"], files=files, metadata=metadata)
+
+
+def render_run(run_dir: Path, which: Which = "latest") -> tuple[Path, Path]:
+    """Render an nca run's checkpoint: growth strip and GIF in ``render/growth_<step>.*``."""
+    run = Run.open(run_dir, echo=False)
+    run.close()
+    if run.config.job != "nca":
+        raise RunError(f"{run.path} is a {run.config.job} run: `kiln render` draws nca runs")
+    device = prepare_process(run.config)
+    info, state = load_chosen_checkpoint(run.path, which)
+    model = build_nca_model(run.config)
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    return render_model(run.config, model, run.path / RENDER_DIR, f"growth_{info.step:08d}")
 
 
 def _run_job(run_dir: Path) -> str:

@@ -14,12 +14,14 @@ import torch
 from kiln.config import Config
 from kiln.engine.job import TrainableJob
 from kiln.jobs.lm import LMJob
+from kiln.jobs.nca import NCAJob
 
 Log = Callable[[str], None]
 JobFactory = Callable[[Config, Path, torch.device, Log], TrainableJob]
 
 GRADIENT_JOBS: dict[str, JobFactory] = {
     "lm": LMJob,
+    "nca": NCAJob,
 }
 
 
