@@ -197,7 +197,7 @@ def test_gradients_are_normalised_per_tensor(tmp_path: Path) -> None:
     assert moved["hidden.weight"] == 0.0
 
 
-def test_cli_render_draws_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_render_and_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = workflows.train(tiny(tmp_path, "training.max_steps=6"), echo=False).run_dir
     assert cli.main(["render", str(run_dir)]) == 0
     out = capsys.readouterr().out
@@ -205,6 +205,9 @@ def test_cli_render_draws_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFix
     for name in ("growth_00000006.png", "growth_00000006.gif"):
         with Image.open(run_dir / "render" / name) as image:
             image.verify()
+    bundle = workflows.export_run(run_dir, tmp_path / "bundle", "latest")
+    assert {"model.safetensors", "config.yaml"} <= {p.name for p in bundle.iterdir()}
+    assert not (bundle / "tokenizer.json").exists()
 
 
 def test_render_refuses_other_jobs(smoke_config) -> None:
