@@ -86,6 +86,9 @@ def main() -> int:
     outcome = workflows.train(config)
     train_seconds = time.monotonic() - started
     run_dir = outcome.run_dir
+    if outcome.status != "completed":
+        print(f"training {outcome.status} at step {outcome.step}; no report", file=sys.stderr)
+        return 1
 
     rows = [r for r in read_metrics(run_dir) if "loss" in r and r.get("event") is None]
     target = grid_target(config.nca)

@@ -28,6 +28,7 @@ def disc_png(path: Path, size: int = 8) -> Path:
     inside = (ys - size / 2) ** 2 + (xs - size / 2) ** 2 <= (size / 2 - 0.5) ** 2
     pixels = np.zeros((size, size, 4), np.uint8)
     pixels[inside] = (240, 120, 30, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, mode="RGBA").save(path)
     return path
 
@@ -240,3 +241,16 @@ def test_bad_nca_settings_are_config_errors(overrides: list[str], fragment: str)
     with pytest.raises(ConfigError) as info:
         load_config("nca", overrides)
     assert fragment in str(info.value)
+
+
+@pytest.mark.cuda
+def test_cuda_training_is_deterministic_and_keeps_the_pool_on_the_cpu(tmp_path: Path) -> None:
+    states = []
+    for name in ("a", "b"):
+        cfg = tiny(tmp_path / name, "hardware.device=cuda", "precision.dtype=bf16")
+        run_dir = workflows.train(cfg, echo=False).run_dir
+        states.append(checkpoint_state(run_dir, 12))
+    a, b = states
+    assert a["loader"]["states"].device.type == "cpu"
+    assert torch.equal(a["loader"]["states"], b["loader"]["states"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
