@@ -495,11 +495,21 @@ class Config(Section):
     nca: NcaSection = Field(default_factory=NcaSection)
 
     @model_validator(mode="after")
-    def _nca_damage_fits_the_batch(self) -> Config:
+    def _nca_pool_fits_the_batch(self) -> Config:
         batch = self.training.micro_batch_size * self.training.grad_accum_steps
-        if self.job == "nca" and self.nca.damage >= batch:
+        n = self.nca
+        if self.job != "nca":
+            return self
+        if 0 < n.pool_size < batch:
             raise ValueError(
-                f"nca.damage ({self.nca.damage}) must be below the batch of "
+                f"nca.pool_size ({n.pool_size}) must be 0 or at least the batch of "
+                f"training.micro_batch_size x grad_accum_steps ({batch})"
+            )
+        if n.damage and not n.pool_size:
+            raise ValueError("nca.damage needs a pool (nca.pool_size > 0): it damages pool states")
+        if n.damage >= batch:
+            raise ValueError(
+                f"nca.damage ({n.damage}) must be below the batch of "
                 f"training.micro_batch_size x grad_accum_steps ({batch}): the worst sample "
                 "is reseeded, so it cannot also be damaged"
             )

@@ -231,6 +231,8 @@ def test_a_bad_target_fails_before_the_run_directory(tmp_path: Path) -> None:
     [
         (["nca.rollout_min=100"], "nca.rollout_min (100) must be <= nca.rollout_max (96)"),
         (["nca.damage=8"], "nca.damage (8) must be below the batch"),
+        (["nca.pool_size=4"], "nca.pool_size (4) must be 0 or at least the batch"),
+        (["nca.pool_size=0", "nca.damage=1"], "nca.damage needs a pool"),
         (["nca.channels=3"], "nca.channels"),
         (["nca.fire_rate=0"], "nca.fire_rate"),
         (["schedule.gamma=0"], "schedule.gamma"),
