@@ -25,7 +25,7 @@ from kiln.hashtron.settings import HashtronSettings, settings_table
 
 def test_packaged_configs_validate() -> None:
     names = packaged_config_names()
-    assert {"default", "smoke", "fim_cot", "hashtron", "hashtron_forward"} <= set(names)
+    assert {"default", "smoke", "fim_cot", "hashtron", "hashtron_forward", "nca"} <= set(names)
     for name in names:
         assert isinstance(load_config(name, ["eval.allow_code_execution=true"]), Config)
 
@@ -107,7 +107,9 @@ BAD_INPUTS = [
     ({"checkpoint": {"keep_last": 0}}, ["checkpoint.keep_last", "got 0"]),
     ({"model": {"dropout": 1.0}}, ["model.dropout", "got 1.0", "less than 1"]),
     ({"data": {"sources": [{"root": "x", "inclde": ["*.py"]}]}}, ["data.sources.0.inclde"]),
-    ({"job": "nca"}, ["job", "'nca'", "'lm'", "'hashtron'"]),
+    ({"job": "gan"}, ["job", "'gan'", "'lm'", "'hashtron'", "'nca'"]),
+    ({"nca": {"rollout_min": 97}}, ["nca.rollout_min (97) must be <= nca.rollout_max (96)"]),
+    ({"schedule": {"name": "exp"}}, ["schedule.name", "'step'"]),
     ({"hashtron": {"pipeline": {"epochs": 0}}}, ["hashtron.pipeline.epochs", "got 0", ">= 1"]),
     ({"hashtron": {"pipeline": {"epochs": True}}}, ["hashtron.pipeline.epochs", "integer"]),
     ({"hashtron": {"pipeline": {"direction": "up"}}}, ["hashtron.pipeline.direction", "'up'",

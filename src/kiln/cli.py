@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float)
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
 
+    p = sub.add_parser("render", help="draw an nca run's growth: a PNG strip and a GIF")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
+
     p = sub.add_parser(
         "hashtron-tasks", help="train several hashtron tasks in a row and report each"
     )
@@ -116,6 +120,9 @@ def _run(args: argparse.Namespace) -> int:
         _export(args, workflows)
     elif args.command == "generate":
         _generate(args, workflows)
+    elif args.command == "render":
+        png, gif = workflows.render_run(args.run_dir, args.checkpoint)
+        print(f"growth strip: {png}\nanimation: {gif}")
     elif args.command == "hashtron-tasks":
         reports = workflows.hashtron_tasks(load_config(args.config, args.overrides), args.tasks)
         return _report_tasks(reports)
@@ -195,6 +202,8 @@ def _report(outcome: TrainOutcome) -> int:
         return 130
     if outcome.val_ppl is not None:
         print(f"validation loss {outcome.val_loss:.4f}, perplexity {outcome.val_ppl:.2f}")
+    elif outcome.val_loss is not None:
+        print(f"validation loss {outcome.val_loss:.4g}")
     accuracy = {k: v for k, v in outcome.final_eval.items() if k.endswith("_accuracy")}
     if accuracy:  # a hashtron run
         print(", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in accuracy.items()))

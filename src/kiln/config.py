@@ -180,11 +180,20 @@ class OptimizerSection(Section):
 
 
 class ScheduleSection(Section):
-    """Learning-rate schedule: linear warmup then decay to min_lr_ratio * lr."""
+    """Learning-rate schedule: linear warmup then decay to min_lr_ratio * lr (or in steps)."""
 
-    name: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay shape.")
+    name: Literal["cosine", "linear", "constant", "step"] = Field(
+        "cosine", description="Decay shape: cosine, linear, constant, or step (multiply by "
+        "gamma at each milestone)."
+    )
     warmup_steps: NonNegInt = Field(24, description="Linear warmup steps from 0 to lr.")
     min_lr_ratio: Fraction = Field(0.1, description="Final lr as a fraction of the peak.")
+    milestones: list[PositiveInt] = Field(
+        [], description="step: optimizer steps (0-based) from which the lr is multiplied again."
+    )
+    gamma: Annotated[float, Field(gt=0.0)] = Field(
+        0.1, description="step: the factor applied at each milestone."
+    )
 
 
 class TrainingSection(Section):
@@ -194,6 +203,11 @@ class TrainingSection(Section):
     micro_batch_size: PositiveInt = Field(16, description="Windows per forward/backward.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     grad_clip: NonNegFloat = Field(1.0, description="Global gradient-norm clip; 0 disables.")
+    grad_normalization: Literal["none", "per_tensor"] = Field(
+        "none",
+        description="per_tensor: after clipping, divide each parameter's gradient by its own "
+        "norm (+1e-8), as the Growing NCA recipe does.",
+    )
     oom_retry: bool = Field(
         True, description="On out-of-memory halve the micro-batch, double accumulation, retry."
     )
@@ -513,12 +527,73 @@ class LatticeSection(Section):
     )
 
 
+class NcaSection(Section):
+    """The Growing Neural Cellular Automata job (``job: nca``): a 2-D automaton grown from one
+    seed cell into a target image, trained from a pool of states (Mordvintsev et al. 2020)."""
+
+    target: str = Field(
+        "default", description="RGBA PNG to grow; 'default' is the packaged kiln-flame image."
+    )
+    target_size: PositiveInt = Field(
+        40, description="Longer side of the target in cells; the image is scaled down to it "
+        "(never up)."
+    )
+    padding: NonNegInt = Field(16, description="Empty cells around the target on each side.")
+    channels: Annotated[int, Field(ge=4)] = Field(
+        16, description="State channels per cell: RGBA + hidden."
+    )
+    hidden: PositiveInt = Field(128, description="Width of the update network.")
+    fire_rate: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        0.5, description="Probability that a cell applies its update in a step."
+    )
+    alive_threshold: Annotated[float, Field(ge=0.0)] | None = Field(
+        0.1, description="A cell lives while some alpha in its 3x3 neighbourhood exceeds this; "
+        "null: no alive masking."
+    )
+    boundary: Literal["zero", "replicate", "periodic"] = Field(
+        "zero", description="What perception sees beyond the grid's edges: zero, replicate "
+        "(the edge cell) or periodic (the opposite edge)."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each automaton step in backward instead of storing it."
+    )
+    pool_size: NonNegInt = Field(
+        1024, description="States in the sample pool; 0: every batch grows from the seed."
+    )
+    rollout_min: PositiveInt = Field(64, description="Fewest automaton steps per rollout.")
+    rollout_max: PositiveInt = Field(96, description="Most automaton steps per rollout.")
+    damage: NonNegInt = Field(
+        0, description="Lowest-loss samples of each batch that get a random disc erased "
+        "(regeneration training; the paper uses 3)."
+    )
+    eval_steps: list[PositiveInt] = Field(
+        [96, 192], min_length=1, description="Evaluation grows patterns from the seed and "
+        "reports the loss after each of these step counts; val_loss is the worst of them."
+    )
+    eval_samples: PositiveInt = Field(8, description="Patterns grown per evaluation.")
+    render_steps: list[NonNegInt] = Field(
+        [0, 16, 32, 64, 96, 192, 384], min_length=1,
+        description="Steps shown side by side in the growth strip (the GIF runs to the last).",
+    )
+    render_gif_every: PositiveInt = Field(4, description="Automaton steps per GIF frame.")
+    render_scale: PositiveInt = Field(4, description="Pixels per cell in rendered images.")
+
+    @model_validator(mode="after")
+    def _rollout_range(self) -> NcaSection:
+        if self.rollout_min > self.rollout_max:
+            raise ValueError(
+                f"nca.rollout_min ({self.rollout_min}) must be <= nca.rollout_max "
+                f"({self.rollout_max})"
+            )
+        return self
+
+
 class Config(Section):
     """The whole truth about a run."""
 
     seed: NonNegInt = Field(1337, description="Seeds python, numpy and torch RNGs.")
-    job: Literal["lm", "hashtron", "lattice"] = Field(
-        "lm", description="What is trained: lm (the GPT code model), hashtron or lattice."
+    job: Literal["lm", "hashtron", "lattice", "nca"] = Field(
+        "lm", description="What is trained: lm (the GPT code model), hashtron, lattice or nca."
     )
     run: RunSection = Field(default_factory=RunSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -536,6 +611,7 @@ class Config(Section):
     sample: SampleSection = Field(default_factory=SampleSection)
     hashtron: HashtronSection = Field(default_factory=HashtronSection)
     lattice: LatticeSection = Field(default_factory=LatticeSection)
+    nca: NcaSection = Field(default_factory=NcaSection)
 
     @model_validator(mode="after")
     def _strategy_fits_job(self) -> Config:
@@ -556,6 +632,27 @@ class Config(Section):
             raise ValueError(
                 "strategy.name: fsdp evaluates ppl only during training (every rank must run "
                 "the same forwards); set eval.suites: [ppl] and run `kiln eval` on the run"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _nca_pool_fits_the_batch(self) -> Config:
+        batch = self.training.micro_batch_size * self.training.grad_accum_steps
+        n = self.nca
+        if self.job != "nca":
+            return self
+        if 0 < n.pool_size < batch:
+            raise ValueError(
+                f"nca.pool_size ({n.pool_size}) must be 0 or at least the batch of "
+                f"training.micro_batch_size x grad_accum_steps ({batch})"
+            )
+        if n.damage and not n.pool_size:
+            raise ValueError("nca.damage needs a pool (nca.pool_size > 0): it damages pool states")
+        if n.damage >= batch:
+            raise ValueError(
+                f"nca.damage ({n.damage}) must be below the batch of "
+                f"training.micro_batch_size x grad_accum_steps ({batch}): the worst sample "
+                "is reseeded, so it cannot also be damaged"
             )
         return self
 

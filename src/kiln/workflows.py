@@ -46,6 +46,8 @@ from kiln.hashtron.tasks import Task
 from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
 from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
 from kiln.jobs.lm_sampling import infill_text, sample_text
+from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
+from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
@@ -89,6 +91,8 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     # A hashtron task (name, options, data files) and its layers are checked before the run
     # directory exists, as the schema checks everything else.
     task = load_task_for(config) if config.job == "hashtron" else None
+    if config.job == "nca":
+        grid_target(config.nca)  # a missing or unusable target image fails here
     with session(config) as placement:
         config = resolve_world(config, placement)
         check_world(config, placement)
@@ -337,6 +341,20 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
     if tokenizer.is_file():  # jobs without a tokenizer (lattice) export weights and config only
         files["tokenizer.json"] = tokenizer.read_text(encoding="utf-8")
     return export_bundle(Path(to_dir), model_state=state["model"], files=files, metadata=metadata)
+
+
+def render_run(run_dir: Path, which: Which = "latest") -> tuple[Path, Path]:
+    """Render an nca run's checkpoint: growth strip and GIF in ``render/growth_<step>.*``."""
+    run = Run.open(run_dir, echo=False)
+    run.close()
+    if run.config.job != "nca":
+        raise RunError(f"{run.path} is a {run.config.job} run: `kiln render` draws nca runs")
+    device = prepare_process(run.config)
+    info, state = load_chosen_checkpoint(run.path, which)
+    model = build_nca_model(run.config)
+    model.load_state_dict(state["model"])
+    model = model.to(device).eval()
+    return render_model(run.config, model, run.path / RENDER_DIR, f"growth_{info.step:08d}")
 
 
 def _run_job(run_dir: Path) -> str:

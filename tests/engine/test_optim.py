@@ -11,6 +11,7 @@ from kiln.engine.optim import (
     build_optimizer,
     build_scheduler,
     lr_factor,
+    normalize_gradients,
     regularization_terms,
 )
 from kiln.errors import ConfigError
@@ -32,6 +33,29 @@ def test_linear_and_constant() -> None:
     const = ScheduleSection(name="constant", warmup_steps=2, min_lr_ratio=0.0)
     assert lr_factor(1, cfg=const, max_steps=100) == pytest.approx(1.0)
     assert lr_factor(99, cfg=const, max_steps=100) == 1.0
+
+
+def test_step_schedule_multiplies_at_each_milestone() -> None:
+    cfg = ScheduleSection(name="step", warmup_steps=0, milestones=[300, 100], gamma=0.5)
+    factors = [lr_factor(s, cfg=cfg, max_steps=400) for s in (0, 99, 100, 299, 300, 399)]
+    assert factors == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    warm = ScheduleSection(name="step", warmup_steps=4, milestones=[2], gamma=0.1)
+    assert lr_factor(1, cfg=warm, max_steps=10) == pytest.approx(0.5)  # warmup first
+    assert lr_factor(4, cfg=warm, max_steps=10) == pytest.approx(0.1)
+    no_milestones = ScheduleSection(name="step", warmup_steps=0)
+    assert lr_factor(9, cfg=no_milestones, max_steps=10) == 1.0
+
+
+def test_normalize_gradients_gives_every_tensor_unit_norm() -> None:
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.full((2, 3), 100.0)
+    model.bias.grad = torch.tensor([3e-6, -4e-6])
+    normalize_gradients(model.parameters())
+    assert model.weight.grad.norm().item() == pytest.approx(1.0)
+    assert torch.allclose(model.bias.grad, torch.tensor([0.6, -0.8]), atol=1e-2)
+    frozen = nn.Linear(2, 2)
+    normalize_gradients(frozen.parameters())  # no gradients: nothing to do
+    assert frozen.weight.grad is None
 
 
 def test_scheduler_state_round_trips() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.models.nca import NCA, NCAShape, damage, perception_kernels
+from kiln.models.nca import NCA, NCAShape, damage, grow, perception_kernels
 
 
 def make(seed: int = 0, **changes: object) -> NCA:
@@ -104,6 +104,35 @@ def test_fire_rate_masks_come_from_the_generator() -> None:
     assert torch.equal(model.step(state, gen(9)), new)
     every = with_random_update(make(alive_threshold=None, fire_rate=1.0))
     assert (every.step(state) != state).any(dim=1).all()
+
+
+def test_given_fire_masks_replace_the_drawn_ones() -> None:
+    model = with_random_update(make(alive_threshold=None))
+    state = torch.rand(2, 16, 8, 8, generator=gen(2))
+    fire = torch.rand(2, 3, 8, 8, generator=gen(3)) < 0.5  # (B, steps, H, W)
+    out = model(state, 3, fire=fire)  # no generator needed
+    expected = state
+    for t in range(3):
+        expected = model.step(expected, fire=fire[:, t : t + 1])
+    assert torch.equal(out, expected)
+    one = model.step(state, fire=fire[:, :1])
+    changed = (one != state).any(dim=1, keepdim=True)
+    assert torch.equal(changed, fire[:, :1])
+
+
+def test_grow_records_the_asked_steps_reproducibly() -> None:
+    model = with_random_update(make())
+    seed = model.seed_state(2, 10, 10)
+    with torch.no_grad():
+        states = grow(model, seed, [0, 3, 5], gen(7))
+        again = grow(model, seed, [5], gen(7))
+        direct = seed
+        g = gen(7)
+        for _ in range(5):
+            direct = model.step(direct, fire=torch.rand((2, 1, 10, 10), generator=g) < 0.5)
+    assert sorted(states) == [0, 3, 5] and states[0] is seed
+    assert torch.equal(states[5], again[5]) and torch.equal(states[5], direct)
+    assert not torch.equal(states[3], states[5])
 
 
 def test_gradients_flow_through_a_rollout() -> None:

@@ -1,8 +1,10 @@
-"""Optimizers, the learning-rate schedule, and the explicit L2/L1 objective terms."""
+"""Optimizers, the learning-rate schedule, gradient normalisation and the explicit L2/L1 terms."""
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -65,6 +67,8 @@ def lr_factor(step: int, *, cfg: ScheduleSection, max_steps: int) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** bisect.bisect_right(sorted(cfg.milestones), step)
     decay_steps = max(1, max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1.0 - progress
@@ -78,6 +82,17 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, partial(lr_factor, cfg=cfg, max_steps=max_steps)
     )
+
+
+def normalize_gradients(params: Iterable[nn.Parameter], eps: float = 1e-8) -> None:
+    """Divide each parameter's gradient by its own L2 norm (+eps), in place.
+
+    Every tensor then moves by a step of the same size whatever its gradient's scale, which
+    keeps long unrolled rollouts (the Growing NCA recipe) from exploding or vanishing.
+    """
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(p.grad.norm() + eps)
 
 
 def regularization_terms(model: nn.Module, cfg: OptimizerSection) -> dict[str, torch.Tensor]:

@@ -19,7 +19,12 @@ from kiln.config import Config
 from kiln.engine.distributed import Local
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
-from kiln.engine.optim import build_optimizer, build_scheduler, regularization_terms
+from kiln.engine.optim import (
+    build_optimizer,
+    build_scheduler,
+    normalize_gradients,
+    regularization_terms,
+)
 from kiln.engine.precision import autocast, build_scaler
 from kiln.engine.progress import ProgressDisplay
 from kiln.errors import KilnError
@@ -263,6 +268,8 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.training.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.cfg.training.grad_normalization == "per_tensor":
+            normalize_gradients(self.model.parameters())
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

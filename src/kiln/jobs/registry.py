@@ -15,6 +15,7 @@ from kiln.config import Config
 from kiln.engine.job import TrainableJob
 from kiln.jobs.lattice import LatticeJob
 from kiln.jobs.lm import LMJob
+from kiln.jobs.nca import NCAJob
 
 Log = Callable[[str], None]
 JobFactory = Callable[[Config, Path, torch.device, Log], TrainableJob]
@@ -22,6 +23,7 @@ JobFactory = Callable[[Config, Path, torch.device, Log], TrainableJob]
 GRADIENT_JOBS: dict[str, JobFactory] = {
     "lm": LMJob,
     "lattice": LatticeJob,
+    "nca": NCAJob,
 }
 
 

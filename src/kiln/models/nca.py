@@ -8,7 +8,8 @@ the cells apply it (fire rate), and cells without a live neighbour (alpha > 0.1 
 max-pool, before and after the update) are cleared.
 
 Randomness (fire-rate masks, damage) comes only from explicit ``torch.Generator`` arguments: each
-step draws one ``torch.rand((B, 1, H, W))`` when fire_rate < 1. Pool sampling lives in the job.
+step draws one ``torch.rand((B, 1, H, W))`` when fire_rate < 1, unless the caller passes the
+masks in (``fire=``). Pool sampling lives in the job.
 
 Shapes in comments: B batch, C channels, H height, W width.
 """
@@ -126,26 +127,46 @@ class NCA(nn.Module):
             new = new * (self.alive(state) & self.alive(new)).to(new.dtype)
         return new
 
-    def step(self, state: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One update of every cell: (B, C, H, W) -> (B, C, H, W)."""
-        fire = None
-        if self.shape.fire_rate < 1.0:
+    def step(
+        self,
+        state: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        fire: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One update of every cell: (B, C, H, W) -> (B, C, H, W).
+
+        ``fire`` (B, 1, H, W), 1 where a cell applies its update, replaces the mask that would
+        otherwise be drawn from ``generator`` (the pool job draws its masks ahead, per sample).
+        """
+        if fire is None and self.shape.fire_rate < 1.0:
             if generator is None:
                 raise ValueError("fire_rate < 1 needs an explicit torch.Generator (generator=...)")
             b, _, h, w = state.shape
             u = torch.rand((b, 1, h, w), generator=generator, device=state.device)
-            fire = (u < self.shape.fire_rate).to(state.dtype)  # (B, 1, H, W)
+            fire = u < self.shape.fire_rate
+        if fire is not None:
+            fire = fire.to(state.dtype)
         if self.shape.checkpoint and torch.is_grad_enabled():
             # The mask is drawn outside so that recomputation in backward reuses it.
             return checkpoint(self._step, state, fire, use_reentrant=False)
         return self._step(state, fire)
 
     def forward(
-        self, state: torch.Tensor, steps: int, *, generator: torch.Generator | None = None
+        self,
+        state: torch.Tensor,
+        steps: int,
+        *,
+        generator: torch.Generator | None = None,
+        fire: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run ``steps`` updates from ``state`` (B, C, H, W); full backprop through the rollout."""
-        for _ in range(steps):
-            state = self.step(state, generator)
+        """Run ``steps`` updates from ``state`` (B, C, H, W); full backprop through the rollout.
+
+        ``fire`` (B, steps, H, W), if given, holds every step's update mask.
+        """
+        for t in range(steps):
+            mask = None if fire is None else fire[:, t : t + 1]
+            state = self.step(state, generator, fire=mask)
         return state
 
 
@@ -171,3 +192,24 @@ def damage(
     dist2 = (xs - cx.view(b, 1, 1)) ** 2 + (ys - cy.view(b, 1, 1)) ** 2  # (B, H, W)
     keep = (dist2 >= (r * r).view(b, 1, 1)).unsqueeze(1)  # (B, 1, H, W)
     return state * keep.to(state.dtype)
+
+
+def grow(
+    model: NCA, start: torch.Tensor, record_at: list[int], generator: torch.Generator
+) -> dict[int, torch.Tensor]:
+    """Run ``model`` from ``start`` (B, C, H, W) and keep the states after each ``record_at`` step.
+
+    The fire masks come from ``generator`` on the CPU, one (B, 1, H, W) draw per step, so the
+    same generator grows the same pattern on any device. Returns {step: state}; step 0 is
+    ``start`` itself.
+    """
+    b, _, h, w = start.shape
+    wanted = set(record_at)
+    states = {0: start} if 0 in wanted else {}
+    state = start
+    for t in range(1, max(wanted, default=0) + 1):
+        fire = torch.rand((b, 1, h, w), generator=generator) < model.shape.fire_rate
+        state = model.step(state, fire=fire.to(start.device))
+        if t in wanted:
+            states[t] = state
+    return states
