@@ -623,6 +623,11 @@ class Config(Section):
                 f"strategy.name: {name} trains gradient jobs only; the hashtron job runs in one "
                 "process (set strategy.name: single)"
             )
+        if self.job in ("lattice", "nca"):
+            raise ValueError(
+                f"strategy.name: {name} is not available for the {self.job} job: its state pool "
+                "lives in one process (set strategy.name: single)"
+            )
         if name == "fsdp" and (self.optimizer.l1 or self.optimizer.l2):
             raise ValueError(
                 "strategy.name: fsdp does not support optimizer.l1/l2 (the explicit terms are "

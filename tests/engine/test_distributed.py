@@ -334,6 +334,8 @@ def test_world_size_must_split_the_global_batch(smoke_config: ConfigFactory) -> 
         (["strategy.name=fsdp", "optimizer.l2=0.1"], "optimizer.l1/l2"),
         (["strategy.name=fsdp", "eval.suites=[ppl, compile]"], "eval.suites"),
         (["strategy.name=ddp", "job=hashtron"], "gradient jobs only"),
+        (["strategy.name=ddp", "job=nca"], "state pool"),
+        (["strategy.name=fsdp", "job=lattice"], "state pool"),
     ],
 )
 def test_unsupported_combinations_are_config_errors(

@@ -113,7 +113,7 @@ class LatticeJob:
             self.val_q = cache.embed([p.question for p in val]).to(device)
             self.val_a = cache.embed([p.answer for p in val]).to(device)
         self.seed_state = seed_state(shape, section.seed_scale)  # (D, H, W, K), on the CPU
-        self.batches = LatticePool(
+        self.pool = LatticePool(
             pool_size=section.pool_size,
             seed_state=self.seed_state,
             num_pairs=len(train),
@@ -122,6 +122,8 @@ class LatticeJob:
             replace_worst=section.replace_worst,
             channels_last=section.channels_last_3d,
         )
+        # the trainer may wrap ``batches`` (ranks); the job keeps its own handle on the pool
+        self.batches = self.pool
         adapter = sum(p.numel() for p in self.model.adapter.parameters())
         log(
             f"model: lattice {shape.depth}x{shape.height}x{shape.width} = {shape.cells:,} cells, "
@@ -154,7 +156,7 @@ class LatticeJob:
             model, self.train_q[pair], self.train_a[pair], batch["state"], generator
         )
         per_sample = self._weighted(parts)
-        self.batches.write_back(batch["slot"], final, per_sample)
+        self.pool.write_back(batch["slot"], final, per_sample)
         return per_sample.mean(), {name: value.mean() for name, value in parts.items()}
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
@@ -189,7 +191,7 @@ class LatticeJob:
             "val_loss": sum(self.weights[name] * means[name] for name in COMPONENTS),
             **{f"val_{name}": value for name, value in means.items()},
             "val_retrieval": float(hits) / count,
-            "pool_diversity": self.batches.diversity(),
+            "pool_diversity": self.pool.diversity(),
         }
 
     def final_report(self, model: nn.Module) -> str | None:
@@ -207,4 +209,4 @@ class LatticeJob:
         )
 
     def close(self) -> None:
-        self.batches.close()
+        self.pool.close()

@@ -76,7 +76,7 @@ class NCAJob:
         self.model = build_model(config)
         _, h, w = target.shape
         seed = self.model.seed_state(1, h, w)[0]
-        self.batches = NCAPool(
+        self.pool = NCAPool(
             seed,
             target,
             PoolSettings(
@@ -89,6 +89,8 @@ class NCAJob:
             ),
             config.seed + POOL_STREAM,
         )
+        # the trainer may wrap ``batches`` (ranks); the job keeps its own handle on the pool
+        self.batches = self.pool
         self.target = target.to(device)
         log(
             f"model: NCA {self.model.num_parameters():,} parameters; grid {h}x{w} "
@@ -102,9 +104,9 @@ class NCAJob:
         """Mean RGBA L2 to the target after the batch's rollout; the grown states go back."""
         fire = batch["fire"]
         final = model(batch["state"], fire.shape[1], fire=fire)
-        self.batches.put_back(batch["index"], final)
+        self.pool.put_back(batch["index"], final)
         losses = sample_losses(final, self.target)
-        pool = torch.tensor(self.batches.last_diversity, device=losses.device)
+        pool = torch.tensor(self.pool.last_diversity, device=losses.device)
         return losses.mean(), {"pool_diversity": pool}
 
     def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
@@ -128,7 +130,7 @@ class NCAJob:
         }
         results["val_loss"] = max(results.values())
         results["val_diversity"] = diversity(states[max(states)])
-        results["pool_diversity"] = self.batches.pool_diversity()
+        results["pool_diversity"] = self.pool.pool_diversity()
         return results
 
     def final_report(self, model: nn.Module) -> str | None:
@@ -137,4 +139,4 @@ class NCAJob:
         return f"growth strip: {png}\nanimation: {gif}"
 
     def close(self) -> None:
-        self.batches.close()
+        self.pool.close()
