@@ -222,7 +222,29 @@ class HardwareSection(Section):
 class StrategySection(Section):
     """How the loop is placed. More strategies arrive with their own issues."""
 
-    name: Literal["single"] = Field("single", description="single: one process, one device.")
+    name: Literal["single", "streaming"] = Field(
+        "single",
+        description="single: one process, one device. streaming: parameters and optimizer "
+        "state live on disk in chunks and stream through memory (README: Out-of-core training).",
+    )
+    memory_budget: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="streaming: bytes of chunks, gradients and activations held in memory; "
+        "auto: half the available RAM (GPU memory when training on cuda).",
+    )
+    store_dir: str | None = Field(
+        None,
+        description="streaming: folder of the chunk store; null: <run dir>/stream, else "
+        "<store_dir>/<run id>.",
+    )
+    prefetch_chunks: NonNegInt = Field(
+        1, description="streaming: chunks read ahead in the background while one computes."
+    )
+    drop_page_cache: bool = Field(
+        False,
+        description="streaming: advise the kernel to drop chunk file pages after each read "
+        "and write, so chunks really come from disk (benchmarks).",
+    )
 
 
 class CheckpointSection(Section):

@@ -38,6 +38,7 @@ from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
+from kiln.streaming.export import committed_checkpoint
 
 Which = Literal["best", "latest"]
 
@@ -168,8 +169,14 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
     """Load the best (lowest validation loss, ties to the later step) or latest valid checkpoint.
 
     Without any scored checkpoint, "best" falls back to the latest. Each file is verified once,
-    while loading; a newer checkpoint that fails is reported on stderr and skipped.
+    while loading; a newer checkpoint that fails is reported on stderr and skipped. A streaming
+    run keeps only its last committed step, which is both its best and its latest.
     """
+    run = Run.open(run_dir, echo=False)
+    run.close()
+    streamed = committed_checkpoint(run.config, run.path)
+    if streamed is not None:
+        return streamed
     ckpt_root = Path(run_dir) / "checkpoints"
     if which == "best":
         scored = [i for i in list_checkpoints(ckpt_root) if i.meta.get("val_loss") is not None]

@@ -7,8 +7,10 @@ affects future results is in the checkpoint, so a resumed run continues bit-exac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +27,7 @@ from kiln.errors import KilnError
 from kiln.repro import capture_rng_state, restore_rng_state
 from kiln.run import Run, write_eval
 from kiln.signals import StopSignals
+from kiln.streaming.executor import StreamedTraining
 
 
 class OutOfMemoryExit(KilnError):
@@ -65,7 +68,13 @@ class Trainer:
         self.job = job
         self.run = run
         self.device = device
-        self.model = job.model.to(device)
+        # streaming keeps the weights in its chunk store and moves one chunk at a time.
+        self.stream = (
+            StreamedTraining(config, job, run.path, device, run.log)
+            if config.strategy.name == "streaming"
+            else None
+        )
+        self.model = job.model if self.stream is not None else job.model.to(device)
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.training.max_steps)
         self.scaler = build_scaler(config.precision, device)
@@ -89,7 +98,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        if "model" in state:  # a streaming commit keeps the weights in its chunks instead
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -99,13 +109,19 @@ class Trainer:
 
     def resume_from_checkpoint(self) -> bool:
         """Load the latest valid checkpoint, if any; True if one was loaded."""
-        found = load_latest_valid(self.run.checkpoints, warn=self.run.log)
-        if found is None:
-            return False
-        info, state = found
+        if self.stream is not None:
+            found = self.stream.resume()
+            if found is None:
+                return False
+            name, state = self.stream.store.root.name, found
+        else:
+            found = load_latest_valid(self.run.checkpoints, warn=self.run.log)
+            if found is None:
+                return False
+            name, state = found[0].path.name, found[1]
         self.load_state_dict(state)
         self.run.truncate_metrics_after(self.progress.step)
-        self.run.log(f"resumed from {info.path.name} (step {self.progress.step})")
+        self.run.log(f"resumed from {name} (step {self.progress.step})")
         return True
 
     def save(self, loader_state: dict[str, Any] | None = None, rng: dict | None = None) -> None:
@@ -122,6 +138,11 @@ class Trainer:
             loader_state if loader_state is not None else self.job.batches.state_dict(),
             rng if rng is not None else capture_rng_state(),
         )
+        if self.stream is not None:  # the step's commit point: one atomic manifest replace
+            del state["model"]
+            self.stream.commit(step, state, meta)
+            self._saved_step = step
+            return
         path = save_checkpoint(self.run.checkpoints, step, state, meta)
         protect = {self.progress.best_step} if self.cfg.checkpoint.keep_best else set()
         apply_retention(self.run.checkpoints, self.cfg.checkpoint.keep_last, protect - {None})
@@ -169,6 +190,9 @@ class Trainer:
                 self.evaluate()
             if self._saved_step != self.progress.step:
                 self.save()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream.load_model()  # for the job's final report
         self.run.set_status("completed")
         return self.progress
 
@@ -212,6 +236,15 @@ class Trainer:
 
     def _train_step(self, batch: Any) -> StepResult:
         """forward, loss, backward for each micro-batch; clip; step; zero grads."""
+        if self.stream is not None:
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
+            loss, parts, norm = self.stream.train_step(
+                batch, self.progress.micro_batch_size, lrs, self.progress.step
+            )
+            with warnings.catch_warnings():  # this optimizer only holds the lrs: it never steps
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
+            return StepResult(loss, parts, norm)
         total = batch_size(batch)
         # Detached running sums: one host sync per step instead of one per micro-batch.
         sums: dict[str, torch.Tensor] = {}
@@ -252,8 +285,9 @@ class Trainer:
         """
         step = self.progress.step
         self.model.eval()
+        in_memory = self.stream.model_in_memory() if self.stream else contextlib.nullcontext()
         try:
-            with torch.no_grad(), autocast(self.cfg.precision, self.device):
+            with in_memory, torch.no_grad(), autocast(self.cfg.precision, self.device):
                 results = self.job.evaluate(
                     self.model, final=step >= self.cfg.training.max_steps
                 )
@@ -276,6 +310,8 @@ class Trainer:
         return metrics
 
     def _checkpoint_due(self, step: int) -> bool:
+        if self.stream is not None:
+            return True  # every streamed step commits: its old chunk versions are then deleted
         c = self.cfg.checkpoint
         since = time.monotonic() - self._last_checkpoint_time
         return checkpoint_due(step, c.every_steps, c.every_minutes, since)
@@ -296,6 +332,8 @@ class Trainer:
         }
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
+        if self.stream is not None:
+            row.update(self.stream.metrics)
         self.run.write_metrics(row)
         if self.spikes.observe(in_use):
             self.run.log(
