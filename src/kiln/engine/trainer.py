@@ -242,7 +242,7 @@ class Trainer:
                 batch, self.progress.micro_batch_size, lrs, self.progress.step
             )
             with warnings.catch_warnings():  # this optimizer only holds the lrs: it never steps
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
                 self.scheduler.step()
             return StepResult(loss, parts, norm)
         total = batch_size(batch)

@@ -77,8 +77,12 @@ def measure_needs(
     saved: list[int] = []
     outputs: list[int] = []
 
+    weights: set[int] = set()
+
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved[-1] += _nbytes(t)
+        # A weight autograd keeps for the backward is the resident weight, counted as state.
+        if id(t if t._base is None else t._base) not in weights:
+            saved[-1] += _nbytes(t)
         return t
 
     x = sample.to("meta")
@@ -90,6 +94,8 @@ def measure_needs(
             n: torch.empty(plan.shapes[id_name], dtype=plan.dtypes[id_name], device="meta")
             for n, id_name in _local_names(plan, chunk.module)
         }
+        weights.clear()
+        weights.update(id(t) for t in meta.values())
         x_in = x.requires_grad_() if x.is_floating_point() else x
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             x = functional_call(chunk.module, meta, (x_in,)).detach()

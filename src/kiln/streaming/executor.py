@@ -43,7 +43,13 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
-from kiln.streaming.memory import current_rss, peak_rss, release_free_memory, reset_peak
+from kiln.streaming.memory import (
+    current_rss,
+    map_large_allocations,
+    peak_rss,
+    release_free_memory,
+    reset_peak,
+)
 from kiln.streaming.store import (
     ChunkStore,
     PartRecord,
@@ -155,6 +161,7 @@ class StreamedTraining:
         self.metrics: dict[str, float] = {}
         self._empty = {n: torch.empty(0, dtype=d) for n, d in self.plan.dtypes.items()}
         self._rss_base = 0
+        map_large_allocations()
 
     # ------------------------------------------------------------------ state and commit
 
@@ -353,7 +360,7 @@ class StreamedTraining:
                     with self._replay_rng(st, j, m), autocast(self.cfg.precision, self.device):
                         outs.append(self.plan.chunks[j].module(xm))
                 self._release(j)
-                x = outs
+                x, outs = outs, []
                 st.bounds.append(x)
 
     def _backward(self, st: _Step, update: _Update | None) -> dict[str, torch.Tensor]:
@@ -406,7 +413,9 @@ class StreamedTraining:
             if update is not None:
                 self._update(j, owned, acc, update)
             self._release(j)
-            upstream = downstream
+            # Free this chunk's gradients and graph before the next chunk arrives.
+            upstream, downstream = downstream, []
+            del acc, grads, out, wrt
         return norms
 
     def _accumulate(

@@ -41,9 +41,34 @@ def reset_peak() -> None:
         handle.write("5")
 
 
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 1 << 20
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping, returned when freed.
+
+    glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB) and
+    serves later chunk-sized buffers from heaps and per-thread arenas that keep freed pages:
+    the process would hold several chunks' worth of memory it no longer uses.
+    """
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+
+
 def release_free_memory() -> None:
     """Return freed heap pages to the kernel (glibc malloc_trim), so RSS shows live memory."""
-    name = ctypes.util.find_library("c")
-    if name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(name).malloc_trim(0)
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.malloc_trim(0)

@@ -120,7 +120,10 @@ def read_part(path: Path, record: PartRecord, *, drop_cache: bool) -> dict[str, 
     for name, spec in header.items():
         lo, hi = spec["data_offsets"]
         dtype = _TORCH_DTYPES[spec["dtype"]]
-        out[name] = buffer[start + lo : start + hi].view(dtype).view(spec["shape"])
+        raw = buffer[start + lo : start + hi]
+        if (start + lo) % dtype.itemsize:  # safetensors packs without padding: mixed dtypes
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(spec["shape"])
     return out
 
 
@@ -226,6 +229,6 @@ def decode_state_json(encoded: dict[str, Any]) -> dict[str, Any]:
     tensors = {}
     for key, spec in encoded["tensors"].items():
         raw = bytearray(base64.b64decode(spec["data"]))
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, torch.uint8)
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0).byte()
         tensors[key] = flat.view(getattr(torch, spec["dtype"])).reshape(spec["shape"])
     return decode_state(tensors, encoded["skeleton"])
