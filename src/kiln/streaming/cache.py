@@ -85,7 +85,7 @@ class ChunkCache:
     def _note_resident(self) -> None:
         self.stats.peak_resident = max(self.stats.peak_resident, self.resident)
 
-    def _make_room(self, nbytes: int) -> bool:
+    def make_room(self, nbytes: int) -> bool:
         """Evict LRU parts until ``nbytes`` more fit; False if pinned parts prevent it."""
         for key in list(self._entries):
             if self.resident + nbytes <= self.capacity:
@@ -108,7 +108,7 @@ class ChunkCache:
         """Start reading a part in the background if it is not resident and fits."""
         if record is None or key in self._entries or key in self._reads:
             return
-        if self._make_room(record.nbytes):
+        if self.make_room(record.nbytes):
             self._reads[key] = (self._reader.submit(self._read, record), record.nbytes)
             self._note_resident()
 
@@ -128,7 +128,7 @@ class ChunkCache:
             del self._reads[key]
             self.stats.hits += 1
         else:
-            self._make_room(record.nbytes)
+            self.make_room(record.nbytes)
             tensors = self._read(record)
             self.stats.misses += 1
         self.stats.io_wait += time.perf_counter() - started
@@ -138,7 +138,7 @@ class ChunkCache:
         """Make ``tensors`` the resident copy of ``key`` (pinned parts may exceed capacity)."""
         nbytes = tensors_nbytes(tensors)
         self._entries.pop(key, None)
-        self._make_room(nbytes)
+        self.make_room(nbytes)
         self._entries[key] = _Entry(tensors, nbytes)
         self._note_resident()
         return tensors

@@ -308,12 +308,17 @@ class StreamedTraining:
 
     def _prepare(self, sample: torch.Tensor, micro_batches: int) -> None:
         """Check the budget against every chunk (before any chunk I/O) and size the cache."""
-        per_weight = _STATE_PER_WEIGHT[self.cfg.optimizer.name]
-        if self.cfg.optimizer.name == "sgd" and not self.cfg.optimizer.momentum:
-            per_weight = 0
-        needs, boundaries = measure_needs(self.plan, sample, micro_batches, per_weight)
+        needs, boundaries = measure_needs(
+            self.plan, sample, micro_batches, self._state_per_weight
+        )
         capacity = check_budget(self.budget, needs, boundaries)
         self.cache = ChunkCache(self.store, capacity, self.stats)
+
+    @property
+    def _state_per_weight(self) -> int:
+        """Bytes of optimizer state per byte of weight."""
+        o = self.cfg.optimizer
+        return 0 if o.name == "sgd" and not o.momentum else _STATE_PER_WEIGHT[o.name]
 
     def _acquire(self, st: _Step, index: int, parts: tuple[str, ...]) -> None:
         """Make chunk ``index`` (and the chunks it borrows from) resident; point the params."""
@@ -479,6 +484,8 @@ class StreamedTraining:
         weights = self.cache.get((j, WEIGHTS), self.records[j][WEIGHTS])
         saved = self.cache.get(state_key, self.records[j][STATE])
         if params:
+            if not saved:  # the optimizer creates its state now: evict to make room for it
+                self.cache.make_room(self._state_per_weight * sum(_nbytes(p) for p in params))
             optimizer = build_optimizer(nn.ParameterList(params), self.cfg.optimizer)
             for group, lr in zip(optimizer.param_groups, up.lrs, strict=True):
                 group["lr"] = lr
@@ -493,6 +500,8 @@ class StreamedTraining:
                         new_state[f"{name}.{short}"] = _to_host(value, saved.get(f"{name}.{short}"))
                 _to_host(p.data, weights[name])
                 p.grad = None
+            # An optimizer sits in reference cycles: drop its tensors now, not at the next GC.
+            optimizer.state.clear()
             self.cache.put(state_key, new_state)
         name = self.plan.chunks[j].name
         self.cache.write_behind((j, WEIGHTS), name, up.version)
@@ -531,6 +540,10 @@ class StreamedTraining:
             "stream_resident_bytes": s.peak_resident,
             "stream_rss_growth_bytes": max(0, peak_rss() - self._rss_base),
         }
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _to_host(value: torch.Tensor, host: torch.Tensor | None) -> torch.Tensor:
