@@ -43,11 +43,15 @@ def _rows(run_dir: Path) -> list[dict]:
         # budget that holds about one chunk, so chunks really come from disk.
         ("training.grad_accum_steps=2", "training.grad_clip=0.05", "optimizer.l2=0.001",
          "optimizer.l1=0.0001", "strategy.memory_budget=5200000"),
+        # The same with a budget that holds everything: the forward's graphs and the norm
+        # pass's gradients are kept, so nothing is recomputed.
+        ("training.grad_accum_steps=2", "training.grad_clip=0.05", "optimizer.l2=0.001",
+         "strategy.memory_budget=100000000"),
         # SGD with momentum, no clipping (the single fused pass), 3 micro-batches.
         ("optimizer.name=sgd", "optimizer.momentum=0.9", "training.grad_clip=0",
          "training.grad_accum_steps=3", "training.micro_batch_size=4"),
     ],
-    ids=["adamw-accum-clip-l2-l1-small-budget", "sgd-no-clip"],
+    ids=["adamw-accum-clip-l2-l1-streamed", "adamw-accum-clip-l2-resident", "sgd-no-clip-resident"],
 )
 def test_streaming_equals_in_memory_training_byte_for_byte(
     smoke_config: ConfigFactory, tmp_path: Path, overrides: tuple[str, ...]
@@ -61,6 +65,10 @@ def test_streaming_equals_in_memory_training_byte_for_byte(
             k: v for k, v in b.items() if k in ("loss", "grad_norm", "lr")
         }
         assert [k for k in a if k.startswith("loss_")] == [k for k in b if k.startswith("loss_")]
+    # A budget that holds everything keeps the forward's graphs and the gradients (no
+    # recomputation); a small one streams. Both must give the same bytes.
+    mode = "streamed steps" if "strategy.memory_budget=5200000" in overrides else "resident"
+    assert mode in (streamed / "train.log").read_text()
     if "training.grad_clip=0.05" in overrides:
         assert all(r["grad_norm"] > 0.05 for r in _rows(memory)), "clipping must bite"
         assert sum(r["stream_cache_misses"] for r in _rows(streamed)) > 0

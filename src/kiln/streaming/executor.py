@@ -118,6 +118,8 @@ class _Step:
     absolutes: dict[str, torch.Tensor] = field(default_factory=dict)
     schedule: list[tuple[int, tuple[str, ...]]] = field(default_factory=list)
     cursor: int = 0
+    leaves: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # resident mode
+    kept: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # resident mode
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class StreamedTraining:
         self.metrics: dict[str, float] = {}
         self._empty = {n: torch.empty(0, dtype=d) for n, d in self.plan.dtypes.items()}
         self._rss_base = 0
+        self._resident = False
         map_large_allocations()
 
     # ------------------------------------------------------------------ state and commit
@@ -313,6 +316,14 @@ class StreamedTraining:
         )
         capacity = check_budget(self.budget, needs, boundaries)
         self.cache = ChunkCache(self.store, capacity, self.stats)
+        weights = sum(s.numel() * self.plan.dtypes[n].itemsize for n, s in self.plan.shapes.items())
+        everything = weights * (2 + self._state_per_weight) + micro_batches * sum(
+            n.activations for n in needs
+        )
+        # When the budget holds every chunk, gradient and activation, nothing is recomputed.
+        self._resident = everything <= capacity
+        mode = "resident (no recomputation)" if self._resident else "streamed"
+        self.log(f"streaming: cache capacity {capacity:,} bytes; {mode} steps")
 
     @property
     def _state_per_weight(self) -> int:
@@ -354,14 +365,19 @@ class StreamedTraining:
         yield
 
     def _forward(self, st: _Step, inputs: list[Any]) -> None:
-        """Every chunk but the last, each on all micro-batches; keep the boundaries."""
+        """Every chunk but the last, each on all micro-batches; keep the boundaries.
+
+        In resident mode each chunk's autograd graph is kept for the backward instead.
+        """
         x = inputs
         st.bounds = [x]
-        with torch.no_grad():
+        with torch.set_grad_enabled(self._resident):
             for j in range(self.plan.last):
                 self._acquire(st, j, (WEIGHTS,))
                 outs = []
                 for m, xm in enumerate(x):
+                    if self._resident and xm.is_floating_point():
+                        xm = st.leaves[j, m] = xm.detach().requires_grad_()
                     with self._replay_rng(st, j, m), autocast(self.cfg.precision, self.device):
                         outs.append(self.plan.chunks[j].module(xm))
                 self._release(j)
@@ -380,6 +396,11 @@ class StreamedTraining:
         norms: dict[str, torch.Tensor] = {}
         for j in range(plan.last, -1, -1):
             self._acquire(st, j, (WEIGHTS, STATE) if update else (WEIGHTS,))
+            if update is not None and j in st.kept:  # resident mode: gradients from pass 1
+                acc = st.kept.pop(j)
+                self._update(j, [n for n in plan.owned[j] if n in acc], acc, update)
+                self._release(j)
+                continue
             names = plan.used[j]
             leaves = [plan.params[n] for n in names]
             acc: dict[str, torch.Tensor] = {}
@@ -391,7 +412,10 @@ class StreamedTraining:
                     torch.enable_grad(),
                     autocast(self.cfg.precision, self.device),
                 ):
-                    out = plan.chunks[j].module(x_in)
+                    if j < plan.last and self._resident:  # the forward's graph, kept
+                        x_in, out = st.leaves.pop((j, m), x), st.bounds[j + 1][m]
+                    else:
+                        out = plan.chunks[j].module(x_in)
                     grad_out = upstream[m]
                     if j == plan.last:
                         loss, parts = self.job.loss(_Output(out), st.micros[m])
@@ -417,6 +441,8 @@ class StreamedTraining:
                 norms |= dict(zip(owned, chunk_norms, strict=True))
             if update is not None:
                 self._update(j, owned, acc, update)
+            elif self._resident:
+                st.kept[j] = acc
             self._release(j)
             # Free this chunk's gradients and graph before the next chunk arrives.
             upstream, downstream = downstream, []
