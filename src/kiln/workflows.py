@@ -172,11 +172,12 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
     while loading; a newer checkpoint that fails is reported on stderr and skipped. A streaming
     run keeps only its last committed step, which is both its best and its latest.
     """
-    run = Run.open(run_dir, echo=False)
-    run.close()
-    streamed = committed_checkpoint(run.config, run.path)
-    if streamed is not None:
-        return streamed
+    if (Path(run_dir) / SNAPSHOT).is_file():
+        run = Run.open(run_dir, echo=False)
+        run.close()
+        streamed = committed_checkpoint(run.config, run.path)
+        if streamed is not None:
+            return streamed
     ckpt_root = Path(run_dir) / "checkpoints"
     if which == "best":
         scored = [i for i in list_checkpoints(ckpt_root) if i.meta.get("val_loss") is not None]

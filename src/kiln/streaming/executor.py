@@ -18,6 +18,10 @@ measures each parameter's gradient norm (reading weights only), then a second ba
 recomputes the gradients, scales them by the clip coefficient and updates (32 bytes per
 parameter, and one more backward's compute). Gradients never touch the disk.
 
+Resident mode: when the budget holds every chunk, every gradient and every activation of the
+step, the forward keeps its autograd graphs (no recomputation) and the norm pass keeps its
+gradients (no second backward), so a step costs what an in-memory step costs plus the writes.
+
 Dropout masks are drawn in chunk-major order, so with dropout > 0 a streamed run is
 deterministic and resumable but draws different masks than an in-memory run; each chunk's
 recomputation replays its forward's RNG state, as activation checkpointing does.
