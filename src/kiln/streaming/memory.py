@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import mmap
 from pathlib import Path
+
+import torch
 
 _STATUS = Path("/proc/self/status")
 
@@ -41,10 +44,6 @@ def reset_peak() -> None:
         handle.write("5")
 
 
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 1 << 20
-
-
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
@@ -53,17 +52,18 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def map_large_allocations() -> None:
-    """Serve every allocation of 1 MiB or more with its own mapping, returned when freed.
+def mapped_empty(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor in its own anonymous mapping, returned to the kernel when it is freed.
 
-    glibc otherwise raises its mmap threshold after the first large free (up to 32 MiB) and
-    serves later chunk-sized buffers from heaps and per-thread arenas that keep freed pages:
-    the process would hold several chunks' worth of memory it no longer uses.
+    Chunk buffers live here rather than on the malloc heap: glibc serves blocks below its
+    (rising) mmap threshold from heaps that keep freed pages resident, so a process would hold
+    several chunks it no longer uses. (Lowering the threshold for the whole process instead
+    makes every large temporary of the computation page-fault afresh: steps several times
+    slower.)
     """
-    libc = _libc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):
-            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def release_free_memory() -> None:

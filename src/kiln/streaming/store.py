@@ -26,6 +26,7 @@ import torch
 from kiln.errors import CheckpointError
 from kiln.fsio import atomic_write, fsync_path
 from kiln.state_codec import decode_state, encode_state
+from kiln.streaming.memory import mapped_empty
 
 MANIFEST = "MANIFEST.json"
 FORMAT_VERSION = 1
@@ -93,7 +94,7 @@ def write_part(path: Path, tensors: dict[str, torch.Tensor], *, drop_cache: bool
 
 def read_part(path: Path, record: PartRecord, *, drop_cache: bool) -> dict[str, torch.Tensor]:
     """Read a part into one buffer, check its size and CRC-32, return tensors viewing it."""
-    buffer = torch.empty(record.nbytes, dtype=torch.uint8)
+    buffer = mapped_empty(record.nbytes)
     view = memoryview(buffer.numpy())
     try:
         with open(path, "rb", buffering=0) as handle:
