@@ -29,6 +29,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +38,11 @@ from typing import Any
 
 import torch
 
-from kiln import workflows
-from kiln.config import load_config
 from kiln.run import read_metrics
 
 # The compute-bound model; the I/O-bound one has the same state in 4x smaller chunks, so that a
 # 64 MiB budget holds several chunks and reads can run ahead of the computation.
+SRC = Path(__file__).resolve().parents[1] / "src"
 MODEL = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8"]
 IO_MODEL = ["model.d_model=256", "model.n_layers=32", "model.n_heads=4"]
 
@@ -74,13 +75,17 @@ def disk_bandwidth(folder: Path, mib: int) -> tuple[float, float]:
 def train_rows(
     root: Path, overrides: list[str], steps: int, model: list[str] = MODEL
 ) -> tuple[list[dict], int]:
-    """Metrics rows of the counted steps of a fresh run, and the model's parameter count."""
-    config = load_config("smoke", [f"run.root={root}", f"data.cache_dir={root / 'cache'}",
-                                   "hardware.device=cpu", f"training.max_steps={steps + 1}",
-                                   "eval.every_steps=0", "sample.max_new_tokens=0",
-                                   "logging.every_steps=1", "schedule.warmup_steps=1",
-                                   *model, *overrides])
-    run = workflows.train(config, echo=False).run_dir
+    """Metrics rows of the counted steps of a fresh run, and the model's parameter count.
+
+    Each run is its own `kiln train` process: a streamed run tunes the process's allocator.
+    """
+    sets = [f"run.root={root}", f"data.cache_dir={root.parent / 'cache'}", "hardware.device=cpu",
+            f"training.max_steps={steps + 1}", "eval.every_steps=0", "sample.max_new_tokens=0",
+            "logging.every_steps=1", "schedule.warmup_steps=1", *model, *overrides]
+    command = [sys.executable, "-m", "kiln", "train", "--config", "smoke"]
+    subprocess.run([*command, *[x for s in sets for x in ("--set", s)]], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(SRC)})
+    (run,) = root.iterdir()
     params = int(next(
         line.split("GPT ")[1].split(" parameters")[0].replace(",", "")
         for line in (run / "train.log").read_text().splitlines() if "parameters;" in line

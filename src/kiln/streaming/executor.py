@@ -49,6 +49,7 @@ from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
 from kiln.streaming.memory import (
     current_rss,
+    map_large_allocations,
     peak_rss,
     release_free_memory,
     reset_peak,
@@ -325,6 +326,8 @@ class StreamedTraining:
         # When the budget holds every chunk, gradient and activation, nothing is recomputed.
         self._resident = everything <= capacity
         mode = "resident (no recomputation)" if self._resident else "streamed"
+        if not self._resident:
+            map_large_allocations()
         self.log(f"streaming: cache capacity {capacity:,} bytes; {mode} steps")
 
     @property
@@ -336,11 +339,6 @@ class StreamedTraining:
     def _acquire(self, st: _Step, index: int, parts: tuple[str, ...]) -> None:
         """Make chunk ``index`` (and the chunks it borrows from) resident; point the params."""
         assert self.cache is not None and self.records is not None
-        if not self._resident:
-            # The previous chunk's gradients and activations are free now: give their pages
-            # back rather than let the malloc heap keep them between scattered small blocks.
-            # (Refaulting them costs time; a budget that holds everything skips this.)
-            release_free_memory()
         for k in self.plan.needed(index):
             for part in parts if k == index else (WEIGHTS,):
                 tensors = self.cache.get((k, part), self.records[k][part])

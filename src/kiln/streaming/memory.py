@@ -55,15 +55,30 @@ def _libc() -> ctypes.CDLL | None:
 def mapped_empty(nbytes: int) -> torch.Tensor:
     """A uint8 tensor in its own anonymous mapping, returned to the kernel when it is freed.
 
-    Chunk buffers live here rather than on the malloc heap: glibc serves blocks below its
-    (rising) mmap threshold from heaps that keep freed pages resident, so a process would hold
-    several chunks it no longer uses. (Lowering the threshold for the whole process instead
-    makes every large temporary of the computation page-fault afresh: steps several times
-    slower.)
+    Chunk buffers live here rather than on the malloc heap, whatever glibc's mmap threshold is
+    (see ``map_large_allocations``), so an evicted chunk leaves the resident set at once.
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+
+
+_M_MMAP_THRESHOLD = -3
+
+
+def map_large_allocations() -> None:
+    """Serve every allocation of 1 MiB or more (gradients, optimizer state) with its own mapping.
+
+    glibc otherwise raises its mmap threshold after a large free (up to 32 MiB) and serves later
+    chunk-sized blocks from a heap whose freed pages stay resident, pinned by small blocks in
+    between, so a streamed step's resident set grows with the number of chunks. The price is a
+    page fault per fresh page of those blocks, small for streamed steps (few tokens) but large
+    for big activations: resident-mode steps do not set it. It holds for the whole process.
+    """
+    libc = _libc()
+    if libc is not None:
+        with contextlib.suppress(AttributeError):
+            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
 
 
 def release_free_memory() -> None:
