@@ -137,7 +137,7 @@ def _kiln(*args: str) -> subprocess.CompletedProcess:
 def _kill_repeatedly_then_resume(tmp_path: Path, shard_cache: Path, kills: int, seed: int) -> None:
     """SIGKILL one streamed run at ``kills`` random instants, resuming after each."""
     args = [f"data.cache_dir={shard_cache}", "hardware.device=cpu", "hardware.threads=2",
-            f"training.max_steps={40 + 8 * kills}", "eval.every_steps=25",
+            f"training.max_steps={24 + 6 * kills}", "eval.every_steps=20",
             "model.dropout=0.1", "training.grad_accum_steps=2", "objectives.fim_rate=0.5",
             "strategy.name=streaming", "strategy.memory_budget=5200000"]
     sets = [x for a in args for x in ("--set", a)]
