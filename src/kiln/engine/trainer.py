@@ -285,7 +285,8 @@ class Trainer:
         """
         step = self.progress.step
         self.model.eval()
-        in_memory = self.stream.model_in_memory() if self.stream else contextlib.nullcontext()
+        stream = self.stream
+        in_memory = stream.model_in_memory() if stream is not None else contextlib.nullcontext()
         try:
             with in_memory, torch.no_grad(), autocast(self.cfg.precision, self.device):
                 results = self.job.evaluate(
