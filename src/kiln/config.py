@@ -244,12 +244,15 @@ class HardwareSection(Section):
 
 
 class StrategySection(Section):
-    """How the loop is placed: one process, or data parallel over torch.distributed ranks."""
+    """How the loop is placed: one process, data parallel over torch.distributed ranks, or one
+    process streaming its weights from disk."""
 
-    name: Literal["single", "ddp", "fsdp"] = Field(
+    name: Literal["single", "ddp", "fsdp", "streaming"] = Field(
         "single",
         description="single: one process, one device; ddp: DistributedDataParallel replicas; "
-        "fsdp: FSDP2 fully_shard (parameters, gradients and optimizer state sharded).",
+        "fsdp: FSDP2 fully_shard (parameters, gradients and optimizer state sharded); "
+        "streaming: parameters and optimizer state live on disk in chunks and stream through "
+        "memory (README: Out-of-core training).",
     )
     world_size: PositiveInt | Literal["auto"] = Field(
         "auto",
@@ -264,6 +267,24 @@ class StrategySection(Section):
         300.0,
         description="Collective timeout: a rank that dies or hangs fails the job after at most "
         "this long (must exceed the slowest checkpoint save or evaluation).",
+    )
+    memory_budget: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="streaming: bytes of chunks, gradients and activations held in memory; "
+        "auto: half the available RAM (GPU memory when training on cuda).",
+    )
+    store_dir: str | None = Field(
+        None,
+        description="streaming: folder of the chunk store; null: <run dir>/stream, else "
+        "<store_dir>/<run id>.",
+    )
+    prefetch_chunks: NonNegInt = Field(
+        1, description="streaming: chunks read ahead in the background while one computes."
+    )
+    drop_page_cache: bool = Field(
+        False,
+        description="streaming: advise the kernel to drop chunk file pages after each read "
+        "and write, so chunks really come from disk (benchmarks).",
     )
 
 
@@ -623,7 +644,12 @@ class Config(Section):
                 f"strategy.name: {name} trains gradient jobs only; the hashtron job runs in one "
                 "process (set strategy.name: single)"
             )
-        if self.job in ("lattice", "nca"):
+        if name == "streaming" and self.hardware.keep_freed_memory:
+            raise ValueError(
+                "hardware.keep_freed_memory keeps freed memory resident, which defeats "
+                "strategy.name: streaming's memory budget; set it to false"
+            )
+        if self.job in ("lattice", "nca") and name in ("ddp", "fsdp"):
             raise ValueError(
                 f"strategy.name: {name} is not available for the {self.job} job: its state pool "
                 "lives in one process (set strategy.name: single)"

@@ -52,6 +52,9 @@ from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
 from kiln.sharded_checkpoint import with_full_model
+from kiln.streaming.executor import StreamedTraining
+from kiln.streaming.export import committed_checkpoint
+from kiln.streaming.placement import Streamed
 
 Which = Literal["best", "latest"]
 
@@ -140,13 +143,15 @@ def _train_gradient(run: Run, *, resume: bool, placement: Local) -> TrainOutcome
         f"device {device}, {config.hardware.threads} threads, precision "
         f"{config.precision.dtype}, seed {config.seed}, torch {torch.__version__}"
     )
+    with placement.main_first():  # rank 0 builds the shared data cache, the others reuse it
+        job = build_gradient_job(config, run.path, device, run.log)
+    if config.strategy.name == "streaming":
+        placement = Streamed(StreamedTraining(config, job, run.path, device, run.log))
     where = placement.describe()
     run.log(
         f"strategy {where['strategy']}: world size {where['world_size']}, backend "
         f"{where['backend']}, global batch {global_batch_size(config)} windows per step"
     )
-    with placement.main_first():  # rank 0 builds the shared data cache, the others reuse it
-        job = build_gradient_job(config, run.path, device, run.log)
     batches = job.batches = partition(job.batches, config, run, placement)
     trainer = Trainer(config, job, run, device, placement)
     try:
@@ -208,8 +213,15 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
 
     Without any scored checkpoint, "best" falls back to the latest. Each file is verified once,
     while loading; a newer checkpoint that fails is reported on stderr and skipped. The model
-    weights of a sharded (FSDP) checkpoint are consolidated into ``state["model"]``.
+    weights of a sharded (FSDP) checkpoint are consolidated into ``state["model"]``. A streaming
+    run keeps only its last committed step, which is both its best and its latest.
     """
+    if (Path(run_dir) / SNAPSHOT).is_file():
+        run = Run.open(run_dir, echo=False)
+        run.close()
+        streamed = committed_checkpoint(run.config, run.path)
+        if streamed is not None:
+            return streamed
     info, state = _load_chosen(run_dir, which)
     return info, with_full_model(info.path, state)
 

@@ -336,6 +336,7 @@ def test_world_size_must_split_the_global_batch(smoke_config: ConfigFactory) -> 
         (["strategy.name=ddp", "job=hashtron"], "gradient jobs only"),
         (["strategy.name=ddp", "job=nca"], "state pool"),
         (["strategy.name=fsdp", "job=lattice"], "state pool"),
+        (["strategy.name=streaming", "hardware.keep_freed_memory=true"], "keep_freed_memory"),
     ],
 )
 def test_unsupported_combinations_are_config_errors(

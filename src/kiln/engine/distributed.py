@@ -1,10 +1,11 @@
 """Where the one loop runs: one process, or data-parallel ranks on torch.distributed.
 
-A ``Placement`` is what the trainer asks about placement: wrap the model, whether a micro-batch
-synchronises gradients, how the model and optimizer state is saved and loaded, how step metrics
-and stop decisions are agreed over ranks. ``Local`` is one process (``strategy.name: single``,
-no collectives); ``DataParallel`` wraps the model in DDP; ``FullyShardedDataParallel`` applies
-FSDP2's ``fully_shard`` and saves through ``kiln.sharded_checkpoint``.
+A placement is what the trainer asks about where training happens: where the model lives and
+what wraps it, who runs a step, whether a micro-batch synchronises gradients, how the model and
+optimizer state is saved and loaded, how step metrics and stop decisions are agreed over ranks.
+``Local`` is one process (``strategy.name: single``, no collectives); ``DataParallel`` wraps the
+model in DDP; ``FullyShardedDataParallel`` applies FSDP2's ``fully_shard`` and saves through
+``kiln.sharded_checkpoint``; ``kiln.streaming.placement.Streamed`` keeps the weights on disk.
 
 Data parallelism keeps single-process arithmetic: every rank draws the same global step batch
 (``micro_batch_size x grad_accum_steps x strategy.world_size`` windows, normalised as a whole by
@@ -27,7 +28,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,9 @@ from kiln.checkpoint import CheckpointInfo, load_checkpoint, load_latest_valid, 
 from kiln.config import Config
 from kiln.errors import ConfigError, KilnError
 from kiln.run import Run
+
+if TYPE_CHECKING:  # the trainer imports this module
+    from kiln.engine.trainer import StepResult, Trainer
 
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -58,6 +62,8 @@ class Local:
     """One process: every hook is the plain single-process behaviour, with no collectives."""
 
     strategy = "single"
+    # Whether every step is a checkpoint (a streamed step commits its chunk versions).
+    commits_every_step = False
     rank = 0
     local_rank = 0
     world_size = 1
@@ -76,9 +82,28 @@ class Local:
         """The device this rank trains on."""
         return device
 
+    def place(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model, on the device it trains on."""
+        return model.to(device)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module the training forward goes through."""
         return model
+
+    def train_step(self, trainer: Trainer, batch: Any) -> StepResult:
+        """One optimizer step: the trainer's in-memory step."""
+        return trainer.in_memory_step(batch)
+
+    def evaluation(self) -> contextlib.AbstractContextManager:
+        """Context of an evaluation (the weights are where the model can read them)."""
+        return contextlib.nullcontext()
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra per-step metrics of this placement."""
+        return {}
+
+    def finish(self) -> None:
+        """Training completed: make the final weights available in ``model``."""
 
     def accumulating(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's forward and backward; ``sync`` on the step's last."""

@@ -83,7 +83,7 @@ class Trainer:
         self.run = run
         self.device = device
         self.placement = placement or Local()
-        self.model = job.model.to(device)
+        self.model = self.placement.place(job.model, device)
         self.train_model = self.placement.wrap(self.model)
         self.optimizer = build_optimizer(self.model, config.optimizer)
         self.scheduler = build_scheduler(self.optimizer, config.schedule, config.training.max_steps)
@@ -145,7 +145,7 @@ class Trainer:
         path = self.placement.save_checkpoint(self.run.checkpoints, step, state, meta)
         self._last_checkpoint_time = time.monotonic()
         self._saved_step = step
-        if path is None:  # another rank published it
+        if path is None:  # another rank published it, or a streamed step committed in place
             return
         protect = {self.progress.best_step} if self.cfg.checkpoint.keep_best else set()
         apply_retention(self.run.checkpoints, self.cfg.checkpoint.keep_last, protect - {None})
@@ -197,6 +197,7 @@ class Trainer:
                 self.evaluate()
             if self._saved_step != self.progress.step:
                 self.save()
+        self.placement.finish()
         self.run.set_status("completed")
         return self.progress
 
@@ -241,6 +242,10 @@ class Trainer:
                 restore_rng_state(rng)
 
     def _train_step(self, batch: Any) -> StepResult:
+        """One optimizer step, run by the placement (streaming runs it chunk by chunk)."""
+        return self.placement.train_step(self, batch)
+
+    def in_memory_step(self, batch: Any) -> StepResult:
         """forward, loss, backward for each micro-batch; clip; step; zero grads."""
         total = batch_size(batch)
         # Detached running sums: one host sync per step instead of one per micro-batch.
@@ -288,7 +293,11 @@ class Trainer:
         step = self.progress.step
         self.model.eval()
         try:
-            with torch.no_grad(), autocast(self.cfg.precision, self.device):
+            with (
+                self.placement.evaluation(),
+                torch.no_grad(),
+                autocast(self.cfg.precision, self.device),
+            ):
                 results = self.job.evaluate(
                     self.model, final=step >= self.cfg.training.max_steps
                 )
@@ -312,6 +321,8 @@ class Trainer:
         return metrics
 
     def _checkpoint_due(self, step: int) -> bool:
+        if self.placement.commits_every_step:
+            return True
         c = self.cfg.checkpoint
         since = time.monotonic() - self._last_checkpoint_time
         due = checkpoint_due(step, c.every_steps, c.every_minutes, since)
@@ -334,6 +345,7 @@ class Trainer:
         }
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
+        row.update(self.placement.step_metrics())
         self.run.write_metrics(row)
         if self.spikes.observe(in_use):
             self.run.log(

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.streaming.chunks import StreamChunk
+
 
 @dataclass(frozen=True)
 class GPTShape:
@@ -105,6 +107,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class _Embed(nn.Module):
+    """Token plus position embeddings, then dropout: (B, T) ids -> (B, T, C)."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.tok_emb, self.pos_emb, self.drop = gpt.tok_emb, gpt.pos_emb, gpt.drop
+
+    def forward(self, idx: torch.Tensor, past: int = 0) -> torch.Tensor:
+        pos = torch.arange(past, past + idx.shape[1], device=idx.device)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+
+
+class _Head(nn.Module):
+    """Final LayerNorm and the (tied) output projection: (B, T, C) -> (B, T, V)."""
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.ln_f, self.head = gpt.ln_f, gpt.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln_f(x))
+
+
 class GPT(nn.Module):
     """Token and position embeddings, N blocks, final LayerNorm, head tied to the embedding."""
 
@@ -144,11 +169,22 @@ class GPT(nn.Module):
             raise ValueError(
                 f"sequence of {past + t} tokens exceeds the context of {self.shape.context}"
             )
-        pos = torch.arange(past, past + t, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        x = _Embed(self)(idx, past)
         for i, block in enumerate(self.blocks):
             x = block(x, cache[i] if cache else None)
-        return self.head(self.ln_f(x))  # (B, T, V)
+        return _Head(self)(x)
+
+    def stream_chunks(self) -> list[StreamChunk]:
+        """Embeddings, each block, the head: chained, they are ``forward`` without a cache.
+
+        The head is tied to the token embedding, which the embeddings chunk owns: the head
+        borrows it (read again when the head runs, updated once, by its owner).
+        """
+        return [
+            StreamChunk("embed", _Embed(self)),
+            *(StreamChunk(f"block{i}", block) for i, block in enumerate(self.blocks)),
+            StreamChunk("head", _Head(self)),
+        ]
 
     def num_parameters(self) -> int:
         """Trainable parameters, counting the tied embedding once."""

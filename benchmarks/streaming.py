@@ -1,0 +1,179 @@
+"""Out-of-core training (``strategy.name: streaming``) against the disk's bound and against memory.
+
+What is measured, in one run
+    1. The sequential write and read bandwidth of the filesystem that holds the chunk store:
+       ``--probe-mib`` written in 8 MiB blocks and fsynced, its pages dropped with
+       ``posix_fadvise(DONTNEED)``, then read back; median of 3.
+    2. I/O-bound regime: a GPT whose weights + AdamW state are >= 4x the memory budget, trained
+       with one short window per step and ``strategy.drop_page_cache: true`` (every chunk file's
+       pages are dropped after it is written and after it is read, so reads come from the disk).
+       Per step: achieved step time against the bound ``bytes read / read bandwidth + bytes
+       written / write bandwidth`` (reads and writes share one device), and the bytes moved per
+       parameter.
+    3. Compute-bound regime: the same GPT with a large batch, streamed under a budget that
+       holds every chunk (``auto``) against in-memory training (``strategy.name: single``) of
+       the same config; with the default clipping and with ``grad_clip: 0``.
+The first step of each run is a warm-up and is not counted; step time is the trainer's own
+per-step time (``tokens_per_sec`` in metrics.jsonl), which for streaming includes waiting for the
+step's writes to be durable.
+
+Options: ``--store DIR`` (where runs and the chunk store go; default a temporary folder under
+``/tmp``), ``--steps`` (counted steps per run), ``--probe-mib``, ``--json FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.run import read_metrics
+
+# The compute-bound model; the I/O-bound one has the same state in 4x smaller chunks, so that a
+# 64 MiB budget holds several chunks and reads can run ahead of the computation.
+SRC = Path(__file__).resolve().parents[1] / "src"
+MODEL = ["model.d_model=512", "model.n_layers=8", "model.n_heads=8"]
+IO_MODEL = ["model.d_model=256", "model.n_layers=32", "model.n_heads=4"]
+
+
+def disk_bandwidth(folder: Path, mib: int) -> tuple[float, float]:
+    """(write, read) bytes/s of sequential 8 MiB blocks; the page cache is dropped in between."""
+    block = os.urandom(8 << 20)
+    path = folder / "bandwidth.probe"
+    writes, reads = [], []
+    for _ in range(3):
+        started = time.perf_counter()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        for _ in range(mib // 8):
+            os.write(fd, block)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        writes.append((mib << 20) / (time.perf_counter() - started))
+        fd = os.open(path, os.O_RDONLY)
+        started = time.perf_counter()
+        while os.read(fd, 8 << 20):
+            pass
+        reads.append((mib << 20) / (time.perf_counter() - started))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    path.unlink()
+    return statistics.median(writes), statistics.median(reads)
+
+
+def train_rows(
+    root: Path, overrides: list[str], steps: int, model: list[str] = MODEL
+) -> tuple[list[dict], int]:
+    """Metrics rows of the counted steps of a fresh run, and the model's parameter count.
+
+    Each run is its own `kiln train` process: a streamed run tunes the process's allocator.
+    """
+    sets = [f"run.root={root}", f"data.cache_dir={root.parent / 'cache'}", "hardware.device=cpu",
+            f"training.max_steps={steps + 1}", "eval.every_steps=0", "sample.max_new_tokens=0",
+            "logging.every_steps=1", "schedule.warmup_steps=1", *model, *overrides]
+    command = [sys.executable, "-m", "kiln", "train", "--config", "smoke"]
+    subprocess.run([*command, *[x for s in sets for x in ("--set", s)]], check=True,
+                   stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(SRC)})
+    (run,) = root.iterdir()
+    params = int(next(
+        line.split("GPT ")[1].split(" parameters")[0].replace(",", "")
+        for line in (run / "train.log").read_text().splitlines() if "parameters;" in line
+    ))
+    rows = [r for r in read_metrics(run) if "loss" in r and r["step"] > 1]
+    return rows, params
+
+
+def step_seconds(row: dict, tokens: int) -> float:
+    return tokens / row["tokens_per_sec"]
+
+
+def io_bound(root: Path, steps: int, write_bw: float, read_bw: float) -> dict[str, Any]:
+    seq, budget = 8, 64 << 20
+    rows, params = train_rows(root / "io", [
+        f"data.seq_len={seq}", "training.micro_batch_size=1", "strategy.name=streaming",
+        f"strategy.memory_budget={budget}", "strategy.drop_page_cache=true",
+        "strategy.prefetch_chunks=3",
+    ], steps, IO_MODEL)
+    achieved = [step_seconds(r, seq) for r in rows]
+    bound = [r["stream_bytes_read"] / read_bw + r["stream_bytes_written"] / write_bw for r in rows]
+    moved = [(r["stream_bytes_read"] + r["stream_bytes_written"]) / params for r in rows]
+    return {
+        "params": params, "state_bytes": 12 * params, "budget": budget, "tokens_per_step": seq,
+        "step_sec": statistics.median(achieved), "bound_sec": statistics.median(bound),
+        "fraction_of_bound": statistics.median(b / a for b, a in zip(bound, achieved,
+                                                                     strict=True)),
+        "bytes_per_param_per_step": statistics.median(moved),
+        "read_per_param": statistics.median(r["stream_bytes_read"] / params for r in rows),
+        "write_per_param": statistics.median(r["stream_bytes_written"] / params for r in rows),
+        "io_wait_sec": statistics.median(r["stream_io_wait_sec"] for r in rows),
+    }
+
+
+def compute_bound(root: Path, steps: int, clip: float) -> dict[str, Any]:
+    seq, micro = 128, 8
+    common = [f"data.seq_len={seq}", f"training.micro_batch_size={micro}",
+              f"training.grad_clip={clip}"]
+    memory, _ = train_rows(root / f"mem-{clip}", common, steps)
+    streamed, _ = train_rows(root / f"stream-{clip}", [*common, "strategy.name=streaming",
+                                                       "strategy.memory_budget=auto"], steps)
+    tokens = seq * micro
+    mem = [step_seconds(r, tokens) for r in memory]
+    stream = [step_seconds(r, tokens) for r in streamed]
+    # On a shared machine the fastest step is the least disturbed one: report it with the median.
+    return {"grad_clip": clip, "tokens_per_step": tokens,
+            "memory_step_sec": statistics.median(mem), "memory_min_sec": min(mem),
+            "streaming_step_sec": statistics.median(stream), "streaming_min_sec": min(stream),
+            "ratio": statistics.median(stream) / statistics.median(mem),
+            "ratio_of_min": min(stream) / min(mem),
+            "identical_losses": [r["loss"] for r in memory] == [r["loss"] for r in streamed]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=None)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--probe-mib", type=int, default=512)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--io-only", action="store_true", help="skip the compute-bound runs")
+    args = parser.parse_args()
+    root = args.store or Path(tempfile.mkdtemp(prefix="kiln-stream-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    write_bw, read_bw = disk_bandwidth(root, args.probe_mib)
+    print(f"disk at {root}: write {write_bw / 2**20:.0f} MiB/s, read {read_bw / 2**20:.0f} MiB/s")
+    io = io_bound(root, args.steps, write_bw, read_bw)
+    print(f"I/O-bound: waited {io['io_wait_sec']:.2f} s per step for I/O")
+    print(f"I/O-bound: {io['params']:,} params ({io['state_bytes'] / 2**20:.0f} MiB of state), "
+          f"budget {io['budget'] >> 20} MiB: step {io['step_sec']:.2f} s, bound "
+          f"{io['bound_sec']:.2f} s -> {100 * io['fraction_of_bound']:.0f}% of the bound; "
+          f"{io['read_per_param']:.1f} B read + {io['write_per_param']:.1f} B written per param")
+    compute = [] if args.io_only else [compute_bound(root, args.steps, c) for c in (1.0, 0.0)]
+    for c in compute:
+        print(f"compute-bound, grad_clip {c['grad_clip']}: {c['tokens_per_step']} tokens/step, "
+              f"in memory {c['memory_step_sec']:.2f} s (min {c['memory_min_sec']:.2f}), streaming "
+              f"{c['streaming_step_sec']:.2f} s (min {c['streaming_min_sec']:.2f}) -> "
+              f"{c['ratio']:.2f}x, {c['ratio_of_min']:.2f}x of minima (identical losses: "
+              f"{c['identical_losses']})")
+    result = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+        "disk_write_bytes_per_sec": write_bw, "disk_read_bytes_per_sec": read_bw,
+        "io_bound": io, "compute_bound": compute,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The memory budget: what ``auto`` means, what each chunk needs, and the check before training.
+
+What the budget covers (all in bytes):
+- the boundary activations of every chunk for every micro-batch of the step (kept between the
+  forward and the backward passes), and the gradients flowing back across one boundary;
+- for the chunk being computed: its weights and optimizer state, the weights of the chunks it
+  borrows from, its gradients (fp32, one per parameter, plus one per borrowed parameter per
+  micro-batch) and the activations autograd saves while it recomputes one micro-batch;
+- whatever else fits: other cached chunks and prefetched reads.
+Activation sizes are measured by running each chunk on the meta device (no memory, no compute)
+and counting what autograd saves; the last chunk's loss gets three more copies of its output
+(log-softmax, its gradient, the output's gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from kiln.errors import ConfigError
+from kiln.streaming.chunks import ChunkPlan
+
+
+def resolve_budget(value: int | str, device: torch.device) -> int:
+    """Bytes for ``strategy.memory_budget``; ``auto`` is half of what is available now."""
+    if value != "auto":
+        return int(value)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 // 2
+    raise ConfigError(
+        "strategy.memory_budget auto cannot read the available RAM on this system; "
+        "give the budget in bytes"
+    )
+
+
+@dataclass(frozen=True)
+class ChunkNeeds:
+    """Bytes one chunk needs while it is computed (see the module docstring)."""
+
+    name: str
+    state: int  # its weights + optimizer state, and the borrowed owners' weights + state
+    grads: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.state + self.grads + self.activations
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _local_names(plan: ChunkPlan, module: torch.nn.Module) -> list[tuple[str, str]]:
+    """(name inside ``module``, model-level name) of each parameter the module holds."""
+    global_name = {id(p): n for n, p in plan.params.items()}
+    return [
+        (local, global_name[id(p)])
+        for local, p in module.named_parameters(remove_duplicate=False)
+    ]
+
+
+def measure_needs(
+    plan: ChunkPlan, sample: torch.Tensor, micro_batches: int, state_per_weight: int
+) -> tuple[list[ChunkNeeds], int]:
+    """Per-chunk needs for micro-batches shaped like ``sample`` and the step's boundary bytes.
+
+    ``state_per_weight`` is bytes of optimizer state per byte of weight (2 for AdamW).
+    """
+    saved: list[int] = []
+    outputs: list[int] = []
+
+    weights: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        # A weight autograd keeps for the backward is the resident weight, counted as state.
+        if id(t if t._base is None else t._base) not in weights:
+            saved[-1] += _nbytes(t)
+        return t
+
+    x = sample.to("meta")
+    boundaries = 0
+    for chunk in plan.chunks:
+        boundaries += _nbytes(x) * micro_batches
+        saved.append(0)
+        meta = {
+            n: torch.empty(plan.shapes[id_name], dtype=plan.dtypes[id_name], device="meta")
+            for n, id_name in _local_names(plan, chunk.module)
+        }
+        weights.clear()
+        weights.update(id(t) for t in meta.values())
+        x_in = x.requires_grad_() if x.is_floating_point() else x
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            x = functional_call(chunk.module, meta, (x_in,)).detach()
+        outputs.append(_nbytes(x))
+    weight = {n: plan.shapes[n].numel() * plan.dtypes[n].itemsize for n in plan.params}
+    needs = []
+    for j, chunk in enumerate(plan.chunks):
+        borrowed = plan.borrowed(j)
+        owners = set(plan.needed(j))
+        state = sum(weight[n] for k in owners for n in plan.owned[k]) * (1 + state_per_weight)
+        grads = sum(weight[n] for n in plan.owned[j]) + micro_batches * sum(
+            weight[n] for n in borrowed
+        )
+        extra = 3 * outputs[j] if j == plan.last else 2 * outputs[j]
+        needs.append(ChunkNeeds(chunk.name, state, grads, saved[j] + extra))
+    return needs, boundaries
+
+
+def check_budget(budget: int, needs: list[ChunkNeeds], boundaries: int) -> int:
+    """The bytes left for caching beyond the largest chunk's working set; raises if none fit."""
+    worst = max(needs, key=lambda n: n.total)
+    minimum = boundaries + worst.total
+    if budget < minimum:
+        raise ConfigError(
+            f"strategy.memory_budget {budget:,} bytes is too small: chunk {worst.name!r} needs "
+            f"{worst.total:,} bytes (weights and optimizer state {worst.state:,}, gradients "
+            f"{worst.grads:,}, activations {worst.activations:,}) on top of {boundaries:,} bytes "
+            f"of chunk-boundary activations; the minimum budget is {minimum:,} bytes. Raise "
+            "strategy.memory_budget, or lower training.micro_batch_size or data.seq_len."
+        )
+    return budget - boundaries - max(n.grads + n.activations for n in needs)

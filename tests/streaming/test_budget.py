@@ -1,0 +1,52 @@
+"""The memory budget: auto, per-chunk needs measured on the meta device, the check's error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kiln.errors import ConfigError
+from kiln.models.gpt import GPT, GPTShape
+from kiln.streaming.budget import ChunkNeeds, check_budget, measure_needs, resolve_budget
+from kiln.streaming.chunks import build_plan
+
+
+def test_auto_is_half_the_available_ram_and_bytes_pass_through() -> None:
+    assert resolve_budget(12345, torch.device("cpu")) == 12345
+    available = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemAvailable:")
+    )
+    assert resolve_budget("auto", torch.device("cpu")) == pytest.approx(available / 2, rel=0.1)
+
+
+def test_needs_count_state_grads_and_the_head_borrowing_the_embedding() -> None:
+    shape = GPTShape(vocab_size=64, context=16, n_layers=2, n_heads=2, d_model=32, mlp_ratio=4,
+                     dropout=0.0, bias=True, layernorm_eps=1e-5, init_std=0.02)
+    model = GPT(shape)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = build_plan(model)
+    needs, boundaries = measure_needs(plan, torch.zeros(4, 16, dtype=torch.long), 2, 2)
+    block = sum(p.numel() for p in model.blocks[0].parameters()) * 4
+    embed = (64 + 16) * 32 * 4
+    assert [n.name for n in needs] == ["embed", "block0", "block1", "head"]
+    assert needs[1].state == 3 * block and needs[1].grads == block
+    assert needs[-1].state == 3 * (embed + 2 * 32 * 4)  # ln_f plus the owner's embeddings
+    assert needs[-1].grads == 2 * 32 * 4 + 2 * 64 * 32 * 4  # tied grads held per micro-batch
+    assert all(n.activations > 0 for n in needs)
+    # Ids go in (8 bytes each), then a (4, 16, 32) fp32 activation per chunk boundary.
+    assert boundaries == 2 * (4 * 16 * 8 + 3 * 4 * 16 * 32 * 4)
+    for n, p in model.named_parameters():  # measured on the meta device: weights untouched
+        assert torch.equal(p, before[n])
+
+
+def test_a_budget_below_the_largest_chunk_names_it_and_the_minimum() -> None:
+    needs = [ChunkNeeds("small", 10, 5, 5), ChunkNeeds("big", 100, 40, 60)]
+    assert check_budget(1000, needs, 50) == 1000 - 50 - 100
+    with pytest.raises(ConfigError) as err:
+        check_budget(249, needs, 50)
+    assert "chunk 'big' needs 200 bytes" in str(err.value)
+    assert "minimum budget is 250 bytes" in str(err.value)

@@ -1,0 +1,74 @@
+"""The resident cache: LRU under a byte capacity, pins, prefetch, write-behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kiln.streaming.cache import ChunkCache, IOStats
+from kiln.streaming.store import ChunkStore, PartRecord
+
+MB = 1 << 20
+
+
+def _store(tmp_path: Path, chunks: int) -> tuple[ChunkStore, list[PartRecord]]:
+    store = ChunkStore(tmp_path)
+    records = [
+        store.write(i, f"c{i}", "w", 0, {"x": torch.full((MB // 4,), float(i))})
+        for i in range(chunks)
+    ]
+    return store, records
+
+
+def test_lru_eviction_keeps_within_capacity_and_counts_hits(tmp_path: Path) -> None:
+    store, records = _store(tmp_path, 4)
+    stats = IOStats()
+    cache = ChunkCache(store, capacity=int(2.5 * MB), stats=stats)
+    for i in (0, 1, 2):
+        assert cache.get((i, "w"), records[i])["x"][0] == i
+        cache.unpin((i, "w"))
+        assert cache.resident <= 2.5 * MB
+    assert (stats.misses, stats.hits) == (3, 0)
+    cache.get((2, "w"), records[2])  # resident: a hit
+    cache.unpin((2, "w"))
+    cache.get((0, "w"), records[0])  # evicted as least recently used: a miss
+    assert (stats.misses, stats.hits) == (4, 1)
+    assert stats.bytes_read == sum(records[i].nbytes for i in (0, 1, 2, 0))
+    cache.close()
+
+
+def test_pinned_parts_are_not_evicted(tmp_path: Path) -> None:
+    store, records = _store(tmp_path, 3)
+    cache = ChunkCache(store, capacity=MB + MB // 2, stats=IOStats())
+    first = cache.get((0, "w"), records[0])
+    cache.get((1, "w"), records[1])  # over capacity, but 0 is pinned
+    assert (0, "w") in cache._entries and first["x"][0] == 0
+    cache.close()
+
+
+def test_prefetch_reads_in_the_background_and_get_counts_a_hit(tmp_path: Path) -> None:
+    store, records = _store(tmp_path, 2)
+    stats = IOStats()
+    cache = ChunkCache(store, capacity=4 * MB, stats=stats)
+    cache.prefetch((1, "w"), records[1])
+    assert cache.get((1, "w"), records[1])["x"][0] == 1
+    assert (stats.hits, stats.misses) == (1, 0)
+    cache.prefetch((0, "w"), None)  # never written: nothing to read
+    assert cache.get((0, "w"), None) == {}
+    cache.close()
+
+
+def test_write_behind_is_durable_after_wait(tmp_path: Path) -> None:
+    store, records = _store(tmp_path, 1)
+    stats = IOStats()
+    cache = ChunkCache(store, capacity=4 * MB, stats=stats)
+    tensors = cache.get((0, "w"), records[0])
+    tensors["x"].add_(1.0)
+    cache.write_behind((0, "w"), "c0", 1)
+    written = cache.wait_writes()
+    record = written[(0, "w")]
+    assert record.version == 1 and stats.bytes_written == record.nbytes
+    assert torch.equal(store.read(record)["x"], torch.full((MB // 4,), 1.0))
+    assert torch.equal(store.read(records[0])["x"], torch.zeros(MB // 4))  # old version intact
+    cache.close()

@@ -1,0 +1,75 @@
+"""The chunk protocol: GPT and nn.Sequential chunks, ownership of tied parameters, bad models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kiln.errors import ConfigError
+from kiln.models.gpt import GPT, GPTShape
+from kiln.streaming.chunks import build_plan, model_chunks
+
+
+def _gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTShape(vocab_size=50, context=16, n_layers=3, n_heads=2, d_model=32,
+                        mlp_ratio=4, dropout=0.0, bias=True, layernorm_eps=1e-5, init_std=0.02))
+
+
+def test_gpt_chunks_chained_are_its_forward_bit_for_bit() -> None:
+    model = _gpt()
+    idx = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+    x = idx
+    for chunk in model.stream_chunks():
+        x = chunk.module(x)
+    assert [c.name for c in model.stream_chunks()] == ["embed", "block0", "block1", "block2",
+                                                       "head"]
+    assert torch.equal(x, model(idx))
+
+
+def test_the_tied_head_borrows_the_embedding_its_first_user_owns() -> None:
+    model = _gpt()
+    plan = build_plan(model)
+    assert plan.owner["tok_emb.weight"] == 0
+    assert plan.owned[-1] == ["ln_f.weight", "ln_f.bias"]
+    assert plan.borrowed(plan.last) == ["tok_emb.weight"]
+    assert plan.needed(plan.last) == [plan.last, 0]
+    assert sorted(n for owned in plan.owned for n in owned) == sorted(plan.params)
+    assert list(plan.params) == [n for n, _ in model.named_parameters()]
+    assert ("head.weight", "tok_emb.weight") in plan.state_keys
+
+
+def test_a_sequential_model_streams_one_chunk_per_child() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
+    chunks = model_chunks(model)
+    assert [c.name for c in chunks] == ["0.Linear", "1.GELU", "2.Linear"]
+    plan = build_plan(model)
+    assert plan.owned == [["0.weight", "0.bias"], [], ["2.weight", "2.bias"]]
+
+
+def test_models_without_chunks_or_with_buffers_are_refused() -> None:
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+    with pytest.raises(ConfigError, match="stream_chunks"):
+        build_plan(Plain())
+    with pytest.raises(ConfigError, match="persistent buffers"):
+        build_plan(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+
+
+def test_chunks_that_miss_a_parameter_are_refused() -> None:
+    class Partial(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def stream_chunks(self) -> list:
+            from kiln.streaming.chunks import StreamChunk
+
+            return [StreamChunk("a", self.a)]
+
+    with pytest.raises(ConfigError, match=r"do not use parameters \['b.weight', 'b.bias'\]"):
+        build_plan(Partial())

@@ -1,0 +1,101 @@
+"""Chunk part files and the manifest commit: round trips, corruption, crash leftovers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kiln.errors import CheckpointError
+from kiln.streaming.store import (
+    MANIFEST,
+    ChunkStore,
+    PartRecord,
+    decode_state_json,
+    encode_state_json,
+    record_dict,
+)
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(3, 5, generator=g),
+        "a.bias": torch.randn(5, generator=g).to(torch.bfloat16),
+        "a.weight.step": torch.tensor(4.0),
+    }
+
+
+def _manifest(records: list[PartRecord]) -> dict:
+    return {"chunks": [{"name": "a", "parts": {"w": record_dict(r)}} for r in records]}
+
+
+def test_part_round_trips_and_is_a_safetensors_file(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    tensors = _tensors()
+    record = store.write(0, "a", "w", 7, tensors)
+    assert record.version == 7 and record.nbytes == (tmp_path / record.file).stat().st_size
+    back = store.read(record)
+    assert list(back) == list(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    assert torch.equal(load_file(tmp_path / record.file)["a.weight"], tensors["a.weight"])
+
+
+def test_a_flipped_byte_or_a_torn_file_is_detected(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    record = store.write(0, "a", "w", 1, _tensors())
+    path = tmp_path / record.file
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        store.read(record)
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        store.verify(_manifest([record]))
+    path.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match="does not match"):
+        store.read(record)
+    path.unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        store.verify(_manifest([record]))
+
+
+def test_commit_replaces_the_manifest_then_deletes_unnamed_files(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    old = store.write(0, "a", "w", 1, _tensors())
+    store.commit(_manifest([old]) | {"step": 1})
+    new = store.write(0, "a", "w", 2, _tensors())
+    # A kill before the commit leaves the old manifest naming the old, intact file.
+    assert store.load_manifest()["step"] == 1
+    (tmp_path / (new.file + ".tmp")).write_bytes(b"half a chunk")
+    store.commit(_manifest([new]) | {"step": 2})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, new.file])
+    assert json.loads((tmp_path / MANIFEST).read_text())["step"] == 2
+
+
+def test_sweep_removes_leftovers_of_an_interrupted_step(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    kept = store.write(0, "a", "w", 3, _tensors())
+    store.commit(_manifest([kept]))
+    store.write(0, "a", "w", 4, _tensors())  # the interrupted step's new version
+    (tmp_path / "c0000-a.w.v00000004.safetensors.tmp").write_bytes(b"torn")
+    store.sweep(store.load_manifest())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, kept.file])
+    store.verify(store.load_manifest())
+
+
+def test_state_json_round_trips_rng_and_nested_values() -> None:
+    state = {
+        "rng": {"torch": torch.get_rng_state(), "python": (3, (1, 2), None)},
+        "progress": {"step": 5, "best": None, "loss": float("inf")},
+        "empty": torch.empty(0),
+    }
+    back = decode_state_json(json.loads(json.dumps(encode_state_json(state))))
+    assert torch.equal(back["rng"]["torch"], state["rng"]["torch"])
+    assert back["rng"]["python"] == state["rng"]["python"]
+    assert back["progress"] == state["progress"]
+    assert back["empty"].numel() == 0
