@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from kiln.config import (
+    JOB_SECTIONS,
     Config,
     SourceSection,
     apply_overrides,
@@ -86,6 +87,14 @@ def test_snapshot_round_trips() -> None:
     again = validate_config(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
     assert again.fingerprint() == cfg.fingerprint()
+
+
+@pytest.mark.parametrize("job", ["lm", "hashtron", "lattice", "nca"])
+def test_snapshot_keeps_only_the_running_jobs_section(job: str) -> None:
+    snapshot = yaml.safe_load(load_config(None, [f"job={job}"]).to_yaml())
+    assert {name for name in JOB_SECTIONS if name in snapshot} == (
+        {job} if job in JOB_SECTIONS else set()
+    )
 
 
 BAD_INPUTS = [

@@ -609,6 +609,10 @@ class NcaSection(Section):
         return self
 
 
+# Sections that only one job reads (named like the job): nothing else can change a result.
+JOB_SECTIONS = ("hashtron", "lattice", "nca")
+
+
 class Config(Section):
     """The whole truth about a run."""
 
@@ -688,8 +692,9 @@ class Config(Section):
         return self
 
     def to_yaml(self) -> str:
-        """The full resolved config as YAML (the run's snapshot)."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved config as YAML (the run's snapshot), without other jobs' sections."""
+        others = {name for name in JOB_SECTIONS if name != self.job}
+        return yaml.safe_dump(self.model_dump(mode="json", exclude=others), sort_keys=False)
 
     def fingerprint(self) -> str:
         """Short hash of the resolved config."""
