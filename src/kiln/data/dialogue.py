@@ -7,12 +7,10 @@ the Python standard library's docstrings. Bad lines are DataErrors naming the fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
-from kiln.data.jsonl import read_utf8, string_records
+from kiln.data.jsonl import jsonl_source, string_records
 from kiln.errors import DataError
 
 PACKAGED_DIALOGUE = "packaged"
@@ -27,13 +25,12 @@ class DialoguePair:
 
 def load_dialogue_pairs(path: str) -> list[DialoguePair]:
     """Pairs of a JSONL file (``packaged``: Kiln's own set); at least two are needed."""
-    if path == PACKAGED_DIALOGUE:
-        source = resources.files("kiln.data").joinpath("examples/dialogue_stdlib.jsonl")
-        where, text = "packaged dialogue pairs", source.read_text(encoding="utf-8")
-    else:
-        file = Path(path).expanduser()
-        where = str(file)
-        text = read_utf8(file, "dialogue data", "fix lattice.dialogue_path")
+    where, text = jsonl_source(
+        path,
+        (PACKAGED_DIALOGUE, "examples/dialogue_stdlib.jsonl"),
+        "dialogue pairs",
+        "fix lattice.dialogue_path",
+    )
     pairs = [DialoguePair(**record) for _, record in string_records(text, where, DIALOGUE_FIELDS)]
     if len(pairs) < 2:
         raise DataError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 from kiln.errors import DataError
@@ -24,6 +25,22 @@ def read_utf8(path: Path, what: str, fix: str) -> str:
         ) from exc
     except OSError as exc:
         raise DataError(f"cannot read {what} {path} ({exc.strerror or exc}); {fix}") from exc
+
+
+def jsonl_source(
+    path: str, packaged: tuple[str, str], what: str, fix: str
+) -> tuple[str, str]:
+    """(where, text) of a JSONL source named in a config.
+
+    ``packaged`` is (config value, file under ``kiln/data``): that value selects the file Kiln
+    ships; anything else is a path, read with ``read_utf8(path, what, fix)``.
+    """
+    name, packaged_file = packaged
+    if path == name:
+        source = resources.files("kiln.data").joinpath(packaged_file)
+        return f"packaged {what}", source.read_text(encoding="utf-8")
+    file = Path(path).expanduser()
+    return str(file), read_utf8(file, what, fix)
 
 
 def string_records(

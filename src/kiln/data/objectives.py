@@ -15,12 +15,10 @@ holds, therefore fixes it, and resume, prefetching and any world size give the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
-from kiln.data.jsonl import read_utf8, string_records
+from kiln.data.jsonl import jsonl_source, string_records
 from kiln.data.tokenizer import (
     ANSWER,
     EOT,
@@ -208,13 +206,12 @@ class CotRecord:
 
 def load_cot_records(path: str) -> list[CotRecord]:
     """Records of a JSONL file (``examples``: the packaged set); bad lines are DataErrors."""
-    if path == PACKAGED_COT_EXAMPLES:
-        source = resources.files("kiln.data").joinpath("examples/cot_python.jsonl")
-        where, text = "packaged CoT examples", source.read_text(encoding="utf-8")
-    else:
-        file = Path(path).expanduser()
-        where = str(file)
-        text = read_utf8(file, "chain-of-thought data", "fix objectives.cot.path")
+    where, text = jsonl_source(
+        path,
+        (PACKAGED_COT_EXAMPLES, "examples/cot_python.jsonl"),
+        "chain-of-thought data",
+        "fix objectives.cot.path",
+    )
     records = [CotRecord(**record) for _, record in string_records(text, where, COT_FIELDS)]
     if not records:
         raise DataError(f"{where} holds no chain-of-thought records")
