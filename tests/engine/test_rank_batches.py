@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.engine.distributed import Local
+from kiln.engine.placement import Local
 from kiln.engine.rank_batches import RankBatches, SampleLog
 
 

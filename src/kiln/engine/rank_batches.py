@@ -17,8 +17,8 @@ import torch
 
 from kiln.config import Config
 from kiln.data.loader import Batch
-from kiln.engine.distributed import Local
 from kiln.engine.job import StepBatches, batch_size
+from kiln.engine.placement import Local
 from kiln.errors import ConfigError, DataError
 from kiln.fsio import atomic_write
 from kiln.run import Run

@@ -16,7 +16,6 @@ import torch
 
 from kiln.checkpoint import apply_retention, checkpoint_due
 from kiln.config import Config
-from kiln.engine.distributed import Local
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
 from kiln.engine.optim import (
@@ -25,6 +24,7 @@ from kiln.engine.optim import (
     normalize_gradients,
     regularization_terms,
 )
+from kiln.engine.placement import Local
 from kiln.engine.precision import autocast, build_scaler
 from kiln.engine.progress import ProgressDisplay
 from kiln.errors import KilnError

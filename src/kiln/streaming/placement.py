@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kiln.checkpoint import CheckpointInfo
-from kiln.engine.distributed import Local
+from kiln.engine.placement import Local
 from kiln.engine.trainer import StepResult, Trainer
 from kiln.streaming.executor import StreamedTraining
 
