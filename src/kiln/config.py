@@ -281,10 +281,11 @@ class StrategySection(Section):
     prefetch_chunks: NonNegInt = Field(
         1, description="streaming: chunks read ahead in the background while one computes."
     )
-    drop_page_cache: bool = Field(
-        False,
-        description="streaming: advise the kernel to drop chunk file pages after each read "
-        "and write, so chunks really come from disk (benchmarks).",
+    direct_io: bool = Field(
+        True,
+        description="streaming: read and write chunk files with direct I/O (O_DIRECT), "
+        "bypassing the page cache, where the filesystem supports it (not tmpfs); false: "
+        "through the page cache.",
     )
 
 

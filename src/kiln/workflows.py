@@ -160,6 +160,7 @@ def _train_gradient(run: Run, *, resume: bool, placement: Local) -> TrainOutcome
         batches.begin(trainer.progress.step)
         progress = trainer.fit()
     finally:
+        placement.close()
         job.close()
     # Decided from the counters, not the status file, so that every rank agrees: an FSDP model
     # needs all ranks in each forward of the sample.

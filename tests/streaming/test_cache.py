@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kiln.streaming.cache import ChunkCache, IOStats
@@ -38,6 +39,32 @@ def test_lru_eviction_keeps_within_capacity_and_counts_hits(tmp_path: Path) -> N
     cache.close()
 
 
+def test_an_evicted_parts_buffer_is_reused_only_when_nothing_else_views_it(
+    tmp_path: Path,
+) -> None:
+    store, records = _store(tmp_path, 4)
+    cache = ChunkCache(store, capacity=int(2.5 * MB), stats=IOStats())
+
+    def read(i: int) -> dict[str, torch.Tensor]:
+        tensors = cache.get((i, "w"), records[i])
+        cache.unpin((i, "w"))
+        return tensors
+
+    first = read(0)["x"].untyped_storage().data_ptr()
+    read(1)
+    third = read(2)["x"].untyped_storage().data_ptr()  # evicts part 0: its buffer is reused
+    assert third == first
+    kept = read(3)["x"]  # a view that outlives the part's eviction
+    read(0)
+    read(1)  # evicts 2 (reused by 1), then 3, whose buffer is still viewed: a fresh one
+    assert kept.untyped_storage().data_ptr() not in {
+        cache._entries[k].tensors["x"].untyped_storage().data_ptr() for k in cache._entries
+    }
+    assert torch.equal(kept, torch.full((MB // 4,), 3.0))
+    assert read(0)["x"][0] == 0 and read(1)["x"][0] == 1
+    cache.close()
+
+
 def test_pinned_parts_are_not_evicted(tmp_path: Path) -> None:
     store, records = _store(tmp_path, 3)
     cache = ChunkCache(store, capacity=MB + MB // 2, stats=IOStats())
@@ -65,10 +92,41 @@ def test_write_behind_is_durable_after_wait(tmp_path: Path) -> None:
     cache = ChunkCache(store, capacity=4 * MB, stats=stats)
     tensors = cache.get((0, "w"), records[0])
     tensors["x"].add_(1.0)
-    cache.write_behind((0, "w"), "c0", 1)
-    written = cache.wait_writes()
-    record = written[(0, "w")]
+    written: list[PartRecord] = []
+    cache.write_behind((0, "w"), "c0", 1, written.append)
+    cache.wait_write((0, "w"))
+    (record,) = written
     assert record.version == 1 and stats.bytes_written == record.nbytes
     assert torch.equal(store.read(record)["x"], torch.full((MB // 4,), 1.0))
     assert torch.equal(store.read(records[0])["x"], torch.zeros(MB // 4))  # old version intact
+    cache.close()
+
+
+def test_a_task_after_writes_runs_once_they_are_durable_and_never_after_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, records = _store(tmp_path, 2)
+    cache = ChunkCache(store, capacity=4 * MB, stats=IOStats())
+    for i in (0, 1):
+        cache.get((i, "w"), records[i])
+    written: list[PartRecord] = []
+    cache.write_behind((0, "w"), "c0", 1, written.append)
+    seen: list[int] = []
+    cache.after_writes(lambda: seen.append(len(written))).result()
+    assert seen == [1]  # the write before it was done
+
+    def broken(*_args: object) -> PartRecord:
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(store, "write", broken)
+    cache.write_behind((1, "w"), "c1", 1, written.append)
+    task = cache.after_writes(lambda: seen.append(-1))
+    with pytest.raises(OSError, match="disk went away"):
+        task.result()
+    with pytest.raises(OSError, match="disk went away"):
+        cache.after_writes(lambda: seen.append(-1)).result()  # nor any later one
+    assert seen == [1] and len(written) == 1
+    cache.clear()  # a failed step is abandoned: later tasks run again
+    cache.after_writes(lambda: seen.append(2)).result()
+    assert seen == [1, 2]
     cache.close()

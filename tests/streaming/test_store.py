@@ -10,12 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from kiln.errors import CheckpointError
+from kiln.streaming import store as store_module
 from kiln.streaming.store import (
     MANIFEST,
     ChunkStore,
     PartRecord,
+    as_image,
     decode_state_json,
     encode_state_json,
+    image_of,
     record_dict,
 )
 
@@ -43,6 +46,33 @@ def test_part_round_trips_and_is_a_safetensors_file(tmp_path: Path) -> None:
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t)
     assert torch.equal(load_file(tmp_path / record.file)["a.weight"], tensors["a.weight"])
+
+
+@pytest.mark.parametrize("direct_supported", [True, False], ids=["o_direct", "refused"])
+def test_an_image_is_written_as_it_is_and_both_paths_give_the_same_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_supported: bool
+) -> None:
+    tensors = {"w": torch.randn(1000, 3), "step": torch.tensor(2.0)}
+    image = as_image(tensors)
+    assert image_of(image) is not None and image_of(tensors) is None
+    assert all(torch.equal(image[n], t) for n, t in tensors.items())
+    opened: list[bool] = []
+    real_open = store_module._open_direct
+
+    def open_direct(path: Path, flags: int) -> int | None:
+        fd = real_open(path, flags) if direct_supported else None
+        opened.append(fd is not None)
+        return fd
+
+    monkeypatch.setattr(store_module, "_open_direct", open_direct)
+    store = ChunkStore(tmp_path)
+    from_image = store.write(0, "a", "s", 1, image)
+    buffered = store.write(1, "a", "s", 1, tensors)  # not an image: through the page cache
+    assert opened == [direct_supported]  # only the image was offered direct I/O
+    assert (tmp_path / from_image.file).read_bytes() == (tmp_path / buffered.file).read_bytes()
+    assert (from_image.nbytes, from_image.crc32) == (buffered.nbytes, buffered.crc32)
+    back = store.read(from_image)  # into an image: written back directly next time
+    assert image_of(back) is not None and torch.equal(back["w"], tensors["w"])
 
 
 def test_a_flipped_byte_or_a_torn_file_is_detected(tmp_path: Path) -> None:

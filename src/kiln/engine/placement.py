@@ -71,6 +71,9 @@ class Local:
     def finish(self) -> None:
         """Training completed: make the final weights available in ``model``."""
 
+    def close(self) -> None:
+        """Training ended, however: every checkpoint saved is durable when this returns."""
+
     def accumulating(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         """Context of one micro-batch's forward and backward; ``sync`` on the step's last."""
         return contextlib.nullcontext()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,15 @@ class StreamedTraining:
         self.log = log
         self.plan = build_plan(job.model)
         self.store = ChunkStore(
-            store_root(config, run_dir), drop_cache=config.strategy.drop_page_cache
+            store_root(config, run_dir), direct=config.strategy.direct_io
         )
         self.budget = resolve_budget(config.strategy.memory_budget, device)
         self.stats = IOStats()
         self.cache: ChunkCache | None = None
+        # The files reads use (the newest durable versions), and those the manifest names.
         self.records: list[dict[str, PartRecord | None]] | None = None
+        self._committed: list[dict[str, PartRecord | None]] = []
+        self._publishing: Future[None] | None = None
         self.metrics: dict[str, float] = {}
         self._empty = {n: torch.empty(0, dtype=d) for n, d in self.plan.dtypes.items()}
         self._rss_base = 0
@@ -182,6 +186,7 @@ class StreamedTraining:
             weights = {n: self.plan.params[n].detach() for n in self.plan.owned[j]}
             record = self.store.write(j, chunk.name, WEIGHTS, 0, weights)
             self.records.append({WEIGHTS: record, STATE: None})
+        self._committed = _copy(self.records)
         self.log(
             f"streaming: {len(self.plan.chunks)} chunks written to {self.store.root}, "
             f"memory budget {self.budget:,} bytes"
@@ -206,26 +211,52 @@ class StreamedTraining:
             {part: None if rec is None else PartRecord(**rec) for part, rec in c["parts"].items()}
             for c in manifest["chunks"]
         ]
+        self._committed = _copy(self.records)
         self._release_model()
         return decode_state_json(manifest["state"])
 
     def commit(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Make this step's chunk versions and ``state`` current in one atomic manifest replace."""
+        """Make this step's chunk versions and ``state`` current in one atomic manifest replace.
+
+        The replace runs on the writer thread as soon as the step's writes are durable, so they
+        overlap the next step's forward; ``flush`` waits for it. A failed write stops it (and
+        every later one) from running: the manifest never names a half-written step.
+        """
         if self.records is None:
             self._initialize()
         assert self.records is not None
-        self.store.commit(
-            {
-                "step": step,
-                "meta": meta,
-                "chunks": [
-                    {"name": c.name, "parts": {p: record_dict(r) for p, r in parts.items()}}
-                    for c, parts in zip(self.plan.chunks, self.records, strict=True)
-                ],
-                "state_keys": self.plan.state_keys,
-                "state": encode_state_json(state),
-            }
-        )
+        self._raise_failed_commit()
+        records, snapshot = self.records, encode_state_json(state)
+
+        def publish() -> None:
+            # On the writer thread, after this step's writes and before the next step's.
+            self.store.commit(
+                {
+                    "step": step,
+                    "meta": meta,
+                    "chunks": [
+                        {"name": c.name, "parts": {p: record_dict(r) for p, r in parts.items()}}
+                        for c, parts in zip(self.plan.chunks, records, strict=True)
+                    ],
+                    "state_keys": self.plan.state_keys,
+                    "state": snapshot,
+                }
+            )
+            self._committed = _copy(records)
+
+        if self.cache is None:  # before the first step: nothing is in flight
+            publish()
+        else:
+            self._publishing = self.cache.after_writes(publish)
+
+    def flush(self) -> None:
+        """Wait until the last commit is on disk; raise its error if it failed."""
+        if self._publishing is not None:
+            self._publishing.result()
+
+    def _raise_failed_commit(self) -> None:
+        if self._publishing is not None and self._publishing.done():
+            self._publishing.result()
 
     @contextlib.contextmanager
     def model_in_memory(self) -> Iterator[None]:
@@ -240,14 +271,21 @@ class StreamedTraining:
         """Load the current weights into the model's parameters (4 bytes per parameter)."""
         if self.records is None:  # never streamed: the model still holds its weights
             return
+        self.flush()
         for j in range(len(self.plan.chunks)):
             tensors = self.store.read(self.records[j][WEIGHTS])  # type: ignore[arg-type]
             for name in self.plan.owned[j]:
                 self.plan.params[name].data = tensors[name].to(self.device, copy=True)
 
     def close(self) -> None:
-        if self.cache is not None:
+        """Wait for the last commit, then stop the I/O threads."""
+        if self.cache is None:
+            return
+        try:
+            self.flush()
+        finally:
             self.cache.close()
+            self.cache = None
 
     # ------------------------------------------------------------------ the step
 
@@ -264,6 +302,7 @@ class StreamedTraining:
         if self.records is None:
             self._initialize()
         assert self.cache is not None and self.records is not None
+        self._raise_failed_commit()
         reset_peak()
         started = time.perf_counter()
         self.stats.reset(self.cache.resident)
@@ -281,16 +320,15 @@ class StreamedTraining:
                 self._backward(st, _Update(coef, lrs, step + 1))
             else:
                 total_norm = self._total_norm(self._backward(st, _Update(None, lrs, step + 1)))
-            written = self.cache.wait_writes()
         except BaseException:
-            # Resident copies may be half updated; the committed files are untouched.
+            # Resident copies may be half updated; the committed files are untouched. Back to
+            # the last commit (after the one in flight, if any, has run).
             self.cache.clear()
+            self.records = _copy(self._committed)
             for name, p in self.plan.params.items():
                 p.data, p.grad = self._empty[name], None
             raise
         _set_rng_state(st.rng_end, self.device)
-        for (j, part), record in written.items():
-            self.records[j][part] = record
         self._record_metrics(time.perf_counter() - started)
         values = {name: value.item() for name, value in self._logged(st).items()}
         return values.pop("loss"), values, float(total_norm)
@@ -509,6 +547,9 @@ class StreamedTraining:
         state_key: Key = (j, STATE)
         weights = self.cache.get((j, WEIGHTS), self.records[j][WEIGHTS])
         saved = self.cache.get(state_key, self.records[j][STATE])
+        # This chunk's previous versions may still be on their way to disk.
+        self.cache.wait_write((j, WEIGHTS))
+        self.cache.wait_write(state_key)
         if params:
             if not saved:  # the optimizer creates its state now: evict to make room for it
                 self.cache.make_room(self._state_per_weight * sum(_nbytes(p) for p in params))
@@ -530,8 +571,18 @@ class StreamedTraining:
             optimizer.state.clear()
             self.cache.put(state_key, new_state)
         name = self.plan.chunks[j].name
-        self.cache.write_behind((j, WEIGHTS), name, up.version)
-        self.cache.write_behind(state_key, name, up.version)
+        for part in (WEIGHTS, STATE):
+            self.cache.write_behind((j, part), name, up.version, self._written(j, part))
+
+    def _written(self, j: int, part: str) -> Callable[[PartRecord], None]:
+        """Where a durable new version of a part is recorded (called on the writer thread)."""
+        assert self.records is not None
+        records = self.records
+
+        def note(record: PartRecord) -> None:
+            records[j][part] = record
+
+        return note
 
     def _total_norm(self, norms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The global 2-norm over parameters in the model's order, as clip_grad_norm_ forms it."""
@@ -566,6 +617,10 @@ class StreamedTraining:
             "stream_resident_bytes": s.peak_resident,
             "stream_rss_growth_bytes": max(0, peak_rss() - self._rss_base),
         }
+
+
+def _copy(records: list[dict[str, PartRecord | None]]) -> list[dict[str, PartRecord | None]]:
+    return [dict(parts) for parts in records]
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -2,7 +2,8 @@
 
 The model's parameters and optimizer state live in the chunk store; a step streams the chunks
 through memory (``StreamedTraining.train_step``) and every step is committed by one atomic
-manifest replace, which is also the run's only checkpoint.
+manifest replace, which is also the run's only checkpoint. The replace happens in the background
+once the step's writes are durable; ``close`` waits for it.
 """
 
 from __future__ import annotations
@@ -78,5 +79,7 @@ class Streamed(Local):
         return self.training.metrics
 
     def finish(self) -> None:
-        self.training.close()
         self.training.load_model()  # for the job's final report
+
+    def close(self) -> None:
+        self.training.close()  # the last commit runs on the writer thread

@@ -8,12 +8,21 @@ folder and then atomically replaces ``MANIFEST.json`` - the one commit point, li
 chunk part its file, version, size and CRC-32 - and only then deletes files the manifest no
 longer names. A kill at any instant therefore leaves the previous manifest and every file it
 names intact; leftovers of an interrupted step are swept when the store is opened again.
+
+In memory a part is one page-aligned buffer laid out exactly like its file (its *image*): reads
+fill it and the tensors view it, updates change it in place, and a write sends it back as it
+is. With direct I/O (``O_DIRECT``, the default where the filesystem supports it) the disk
+controller moves those bytes itself: no copy through the page cache, no cached pages that
+outlive the step, and reads that really come from the disk. Tensors that are not an image (a
+freshly created optimizer state, version 0 from the model) are written through the page cache.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import math
 import os
 import struct
 import zlib
@@ -36,6 +45,7 @@ _DTYPES = {
 }
 _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 _IO_BLOCK = 8 << 20
+_ALIGN = 4096  # direct I/O: buffer address, file offset and length in whole blocks
 
 
 @dataclass(frozen=True)
@@ -49,13 +59,20 @@ class PartRecord:
 
 
 def _header(tensors: dict[str, torch.Tensor]) -> bytes:
+    """The safetensors header of ``tensors`` (8-byte length, then JSON padded to 8 bytes)."""
+    return _layout_header(tuple((n, t.dtype, tuple(t.shape)) for n, t in tensors.items()))
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout_header(layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...]) -> bytes:
+    # Every step writes the same few layouts: encode each once.
     entries: dict[str, Any] = {}
     offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
+    for name, dtype, shape in layout:
+        size = math.prod(shape) * dtype.itemsize
         entries[name] = {
-            "dtype": _DTYPES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": _DTYPES[dtype],
+            "shape": list(shape),
             "data_offsets": [offset, offset + size],
         }
         offset += size
@@ -64,68 +81,171 @@ def _header(tensors: dict[str, torch.Tensor]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def part_nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """The size of the file ``write_part`` makes of ``tensors``."""
+    return len(_header(tensors)) + sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def image_size(nbytes: int) -> int:
+    """Bytes of the buffer that holds an ``nbytes`` file's image (whole blocks)."""
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
 def _raw_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
     return memoryview(flat.numpy()).cast("B")
 
 
-def _drop_pages(fd: int) -> None:
-    """Ask the kernel to forget the file's cached pages (they are clean after fsync)."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+def _views(buffer: torch.Tensor, header: dict[str, Any], start: int) -> dict[str, torch.Tensor]:
+    """The tensors a part's header describes, on ``buffer``'s storage.
+
+    Each is a plain tensor on the storage, not a view with a base, so the storage's users are
+    exactly these tensors (the cache relies on it to recycle buffers).
+    """
+    storage = buffer.untyped_storage()
+    out = {}
+    for name, spec in header.items():
+        lo, _ = spec["data_offsets"]
+        dtype = _TORCH_DTYPES[spec["dtype"]]
+        if (start + lo) % dtype.itemsize:  # safetensors packs without padding: mixed dtypes
+            hi = spec["data_offsets"][1]
+            out[name] = buffer[start + lo : start + hi].clone().view(dtype).view(spec["shape"])
+        else:
+            out[name] = torch.empty(0, dtype=dtype).set_(
+                storage, (start + lo) // dtype.itemsize, spec["shape"]
+            )
+    return out
 
 
-def write_part(path: Path, tensors: dict[str, torch.Tensor], *, drop_cache: bool) -> PartRecord:
-    """Write ``tensors`` durably to ``path`` (temp file, fsync, rename); the folder is unsynced."""
+def as_image(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` copied into one new page-aligned buffer laid out like their file."""
+    if image_of(tensors) is not None:
+        return tensors
+    header = _header(tensors)
+    buffer = mapped_empty(image_size(len(header) + sum(_nbytes(t) for t in tensors.values())))
+    buffer[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
+    (length,) = struct.unpack("<Q", header[:8])
+    out = _views(buffer, json.loads(header[8:]), 8 + length)
+    for name, t in tensors.items():
+        out[name].copy_(t)
+    return out
+
+
+def image_of(tensors: dict[str, torch.Tensor]) -> memoryview | None:
+    """The buffer ``tensors`` view if it is their page-aligned image, else None.
+
+    The buffer must begin with their header, hold each tensor at its offset and have room to
+    round the file up to whole blocks; the file is its first ``part_nbytes(tensors)`` bytes.
+    """
+    if not tensors:
+        return None
+    header = _header(tensors)
+    storage = next(iter(tensors.values())).untyped_storage()
+    base, size = storage.data_ptr(), storage.nbytes()
+    if base % _ALIGN or size < image_size(part_nbytes(tensors)) or storage.device.type != "cpu":
+        return None
+    offset = len(header)
+    for t in tensors.values():
+        if (
+            t.untyped_storage().data_ptr() != base
+            or not t.is_contiguous()
+            or t.data_ptr() - base != offset
+        ):
+            return None
+        offset += _nbytes(t)
+    view = memoryview(torch.empty(0, dtype=torch.uint8).set_(storage).numpy()).cast("B")
+    return view if view[: len(header)] == header else None
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _open_direct(path: Path, flags: int) -> int | None:
+    """A descriptor of ``path`` opened for direct I/O, or None where that is not supported."""
+    try:
+        return os.open(path, flags | os.O_DIRECT)
+    except (AttributeError, OSError):  # no O_DIRECT here, or the filesystem refuses it
+        return None
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def write_part(path: Path, tensors: dict[str, torch.Tensor], *, direct: bool) -> PartRecord:
+    """Write ``tensors`` durably to ``path`` (temp file, fsync, rename); the folder is unsynced.
+
+    An image is written with direct I/O when ``direct`` (rounded up to whole blocks, then cut
+    to size); anything else through the page cache.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    crc, total = 0, 0
-    with open(tmp, "wb") as handle:
-        for block in [memoryview(_header(tensors)), *(_raw_bytes(t) for t in tensors.values())]:
-            handle.write(block)
-            crc = zlib.crc32(block, crc)
-            total += len(block)
-        handle.flush()
-        os.fsync(handle.fileno())
-        if drop_cache:
-            _drop_pages(handle.fileno())
+    image = image_of(tensors) if direct else None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = _open_direct(tmp, flags) if image is not None else None
+    if fd is not None:
+        assert image is not None
+        total = part_nbytes(tensors)
+        try:
+            _write_all(fd, image[: image_size(total)])
+            os.ftruncate(fd, total)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        crc = zlib.crc32(image[:total])
+    else:
+        crc, total = 0, 0
+        with open(tmp, "wb") as handle:
+            for block in [memoryview(_header(tensors)), *(_raw_bytes(t) for t in tensors.values())]:
+                handle.write(block)
+                crc = zlib.crc32(block, crc)
+                total += len(block)
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
     return PartRecord(path.name, _version_of(path.name), total, crc)
 
 
-def read_part(path: Path, record: PartRecord, *, drop_cache: bool) -> dict[str, torch.Tensor]:
-    """Read a part into one buffer, check its size and CRC-32, return tensors viewing it."""
-    buffer = mapped_empty(record.nbytes)
+def _read_into(path: Path, view: memoryview, nbytes: int, *, direct: bool) -> tuple[int, bool]:
+    """Read the file into ``view`` (whole blocks with direct I/O); (bytes read, longer?)."""
+    fd = _open_direct(path, os.O_RDONLY) if direct else None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < len(view):
+            block = view[got : got + _IO_BLOCK]
+            n = os.readv(fd, [block])
+            got += n
+            if n < len(block):  # the end of the file
+                break
+        return got, got > nbytes or os.fstat(fd).st_size != nbytes
+    finally:
+        os.close(fd)
+
+
+def read_part(
+    path: Path, record: PartRecord, *, direct: bool, into: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a part into an image buffer, check its size and CRC-32, return tensors viewing it.
+
+    ``into``: the buffer to fill (``image_size(record.nbytes)`` bytes, page-aligned); default
+    a new one.
+    """
+    buffer = mapped_empty(image_size(record.nbytes)) if into is None else into
     view = memoryview(buffer.numpy())
     try:
-        with open(path, "rb", buffering=0) as handle:
-            got = 0
-            while got < record.nbytes:
-                n = handle.readinto(view[got : got + _IO_BLOCK])
-                if not n:
-                    break
-                got += n
-            extra = handle.read(1)
-            if drop_cache:
-                _drop_pages(handle.fileno())
+        got, longer = _read_into(path, view, record.nbytes, direct=direct)
     except OSError as exc:
         raise CheckpointError(f"cannot read chunk file {path}: {exc}") from exc
-    if got != record.nbytes or extra or zlib.crc32(view) != record.crc32:
+    if got != record.nbytes or longer or zlib.crc32(view[:got]) != record.crc32:
         raise CheckpointError(
             f"chunk file {path} does not match the manifest (size or CRC-32 differs): the store "
             "is corrupt. Restore it from a backup or start a new run."
         )
     (length,) = struct.unpack("<Q", bytes(view[:8]))
-    header = json.loads(bytes(view[8 : 8 + length]))
-    start = 8 + length
-    out = {}
-    for name, spec in header.items():
-        lo, hi = spec["data_offsets"]
-        dtype = _TORCH_DTYPES[spec["dtype"]]
-        raw = buffer[start + lo : start + hi]
-        if (start + lo) % dtype.itemsize:  # safetensors packs without padding: mixed dtypes
-            raw = raw.clone()
-        out[name] = raw.view(dtype).view(spec["shape"])
-    return out
+    return _views(buffer, json.loads(bytes(view[8 : 8 + length])), 8 + length)
 
 
 def _version_of(file: str) -> int:
@@ -135,9 +255,9 @@ def _version_of(file: str) -> int:
 class ChunkStore:
     """A folder of chunk part files plus the manifest that says which versions are current."""
 
-    def __init__(self, root: Path, *, drop_cache: bool = False) -> None:
+    def __init__(self, root: Path, *, direct: bool = True) -> None:
         self.root = Path(root)
-        self.drop_cache = drop_cache
+        self.direct = direct
         self.root.mkdir(parents=True, exist_ok=True)
 
     def part_path(self, chunk: int, name: str, part: str, version: int) -> Path:
@@ -147,11 +267,13 @@ class ChunkStore:
         self, chunk: int, name: str, part: str, version: int, tensors: dict[str, torch.Tensor]
     ) -> PartRecord:
         return write_part(
-            self.part_path(chunk, name, part, version), tensors, drop_cache=self.drop_cache
+            self.part_path(chunk, name, part, version), tensors, direct=self.direct
         )
 
-    def read(self, record: PartRecord) -> dict[str, torch.Tensor]:
-        return read_part(self.root / record.file, record, drop_cache=self.drop_cache)
+    def read(
+        self, record: PartRecord, into: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return read_part(self.root / record.file, record, direct=self.direct, into=into)
 
     def load_manifest(self) -> dict[str, Any] | None:
         """The committed manifest, or None before the first commit."""
@@ -189,15 +311,7 @@ class ChunkStore:
                 raise CheckpointError(
                     f"chunk file {path} named by the manifest is missing: the store is damaged."
                 )
-            crc = 0
-            with open(path, "rb") as handle:
-                while block := handle.read(_IO_BLOCK):
-                    crc = zlib.crc32(block, crc)
-            if path.stat().st_size != record.nbytes or crc != record.crc32:
-                raise CheckpointError(
-                    f"chunk file {path} does not match the manifest (size or CRC-32 differs): "
-                    "the store is corrupt. Restore it from a backup or start a new run."
-                )
+            self.read(record)
 
 
 def record_dict(record: PartRecord | None) -> dict[str, Any] | None:
