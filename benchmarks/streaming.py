@@ -3,19 +3,21 @@
 What is measured, in one run
     1. The sequential write and read bandwidth of the filesystem that holds the chunk store:
        ``--probe-mib`` written in 8 MiB blocks with direct I/O (``O_DIRECT``, as the store writes)
-       and fsynced, then read back the same way; median of 3.
+       and fsynced, then read back the same way; median of 3. It is measured just before and
+       just after each I/O-bound run (a shared machine's disk drifts) and the bound uses the mean.
     2. I/O-bound regime: a GPT whose weights + AdamW state are >= 4x the memory budget, trained
-       with one short window per step; the store's direct I/O (``strategy.direct_io``, the
-       default) bypasses the page cache, so every read comes from the disk.
-       Per step: achieved step time against the bound ``bytes read / read bandwidth + bytes
-       written / write bandwidth`` (reads and writes share one device), and the bytes moved per
-       parameter.
+       with one short window per step, with 1 and with 2 compute threads; the store's direct I/O
+       (``strategy.direct_io``, the default) bypasses the page cache, so every read comes from
+       the disk. Per step: achieved step time against the bound ``bytes read / read bandwidth +
+       bytes written / write bandwidth`` (reads and writes share one device), and the bytes
+       moved per parameter.
     3. Compute-bound regime: the same GPT with a large batch, streamed under a budget that
        holds every chunk (``auto``) against in-memory training (``strategy.name: single``) of
        the same config; with the default clipping and with ``grad_clip: 0``.
 The first step of each run is a warm-up and is not counted; step time is the trainer's own
-per-step time (``tokens_per_sec`` in metrics.jsonl), which for streaming includes waiting for the
-step's writes to be durable.
+per-step time (``tokens_per_sec`` in metrics.jsonl), which for streaming includes waiting for every
+read the step needs and for any earlier write of a chunk it updates (a step's writes and its commit
+overlap the next step).
 
 Options: ``--store DIR`` (where runs and the chunk store go; default a temporary folder under
 ``/tmp``), ``--steps`` (counted steps per run), ``--probe-mib``, ``--json FILE``.
@@ -98,20 +100,24 @@ def step_seconds(row: dict, tokens: int) -> float:
     return tokens / row["tokens_per_sec"]
 
 
-def io_bound(
-    root: Path, steps: int, write_bw: float, read_bw: float, threads: int
-) -> dict[str, Any]:
+def io_bound(root: Path, steps: int, probe_mib: int, threads: int) -> dict[str, Any]:
+    """The I/O-bound run; the disk is measured just before and just after it (it drifts on a
+    shared machine) and the bound uses the mean of the two."""
     seq, budget = 8, 64 << 20
+    before = disk_bandwidth(root, probe_mib)
     rows, params = train_rows(root / f"io-{threads}", [
         f"data.seq_len={seq}", "training.micro_batch_size=1", "strategy.name=streaming",
         f"strategy.memory_budget={budget}", "strategy.prefetch_chunks=3",
         f"hardware.threads={threads}",
     ], steps, IO_MODEL)
+    after = disk_bandwidth(root, probe_mib)
+    write_bw, read_bw = (statistics.mean(pair) for pair in zip(before, after, strict=True))
     achieved = [step_seconds(r, seq) for r in rows]
     bound = [r["stream_bytes_read"] / read_bw + r["stream_bytes_written"] / write_bw for r in rows]
     moved = [(r["stream_bytes_read"] + r["stream_bytes_written"]) / params for r in rows]
     return {
-        "threads": threads, "params": params, "state_bytes": 12 * params, "budget": budget,
+        "disk_before": before, "disk_after": after, "threads": threads, "params": params,
+        "state_bytes": 12 * params, "budget": budget,
         "tokens_per_step": seq,
         "step_sec": statistics.median(achieved), "bound_sec": statistics.median(bound),
         "fraction_of_bound": statistics.median(b / a for b, a in zip(bound, achieved,
@@ -153,11 +159,13 @@ def main() -> None:
     root = args.store or Path(tempfile.mkdtemp(prefix="kiln-stream-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    write_bw, read_bw = disk_bandwidth(root, args.probe_mib)
-    print(f"disk at {root}: write {write_bw / 2**20:.0f} MiB/s, read {read_bw / 2**20:.0f} MiB/s")
     # With one compute thread the I/O threads keep a core of their own on a small machine.
-    io = [io_bound(root, args.steps, write_bw, read_bw, threads) for threads in (1, 2)]
+    io = [io_bound(root, args.steps, args.probe_mib, threads) for threads in (1, 2)]
     for r in io:
+        disk = "; ".join(f"{when} write {w / 2**20:.0f}, read {rd / 2**20:.0f} MiB/s"
+                         for when, (w, rd) in (("before", r["disk_before"]),
+                                               ("after", r["disk_after"])))
+        print(f"I/O-bound, {r['threads']} compute threads: disk at {root} {disk}")
         print(f"I/O-bound, {r['threads']} compute threads: {r['params']:,} params "
               f"({r['state_bytes'] / 2**20:.0f} MiB of state), budget {r['budget'] >> 20} MiB: "
               f"step {r['step_sec']:.2f} s, bound {r['bound_sec']:.2f} s -> "
@@ -174,7 +182,6 @@ def main() -> None:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "disk_write_bytes_per_sec": write_bw, "disk_read_bytes_per_sec": read_bw,
         "io_bound": io, "compute_bound": compute,
     }
     if args.json:

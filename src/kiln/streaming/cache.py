@@ -36,7 +36,9 @@ Tensors = dict[str, torch.Tensor]
 
 
 def tensors_nbytes(tensors: Tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Bytes of the memory ``tensors`` occupy: their storages, each counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors.values()}
+    return sum(storage.nbytes() for storage in storages.values())
 
 
 @dataclass
@@ -168,9 +170,11 @@ class ChunkCache:
         fits (after evictions); None if it cannot fit, unless ``must``."""
         size = image_size(nbytes)
         while True:
-            spares = self._spare.get(size)
-            if spares:
-                return spares.pop()
+            # A spare up to twice the size serves too: reusing beats unmapping one and mapping
+            # another (the cache counts the whole buffer).
+            fitting = [n for n, spares in self._spare.items() if spares and size <= n <= 2 * size]
+            if fitting:
+                return self._spare[min(fitting)].pop()
             if self.resident + size <= self.capacity:
                 break
             if not (self._drop_spare(keep=size) or self._evict()):
