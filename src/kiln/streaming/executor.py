@@ -22,6 +22,8 @@ Resident mode: when the budget holds every chunk, every gradient and every activ
 step, the forward keeps its autograd graphs (no recomputation) and the norm pass keeps its
 gradients (no second backward), so a step costs what an in-memory step costs plus the writes.
 
+Which file holds each chunk part, and the commit after each step, are ``kiln.streaming.versions``.
+
 Dropout masks are drawn in chunk-major order, so with dropout > 0 a streamed run is
 deterministic and resumable but draws different masks than an in-memory run; each chunk's
 recomputation replays its forward's RNG state, as activation checkpointing does.
@@ -32,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,20 +46,14 @@ from kiln.engine.allocator import map_large_allocations, release_free_memory
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.optim import build_optimizer
 from kiln.engine.precision import autocast
-from kiln.errors import CheckpointError, ConfigError
+from kiln.errors import ConfigError
 from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
 from kiln.streaming.memory import current_rss, peak_rss, reset_peak
-from kiln.streaming.store import (
-    ChunkStore,
-    PartRecord,
-    decode_state_json,
-    encode_state_json,
-    record_dict,
-)
+from kiln.streaming.store import ChunkStore
+from kiln.streaming.versions import STATE, WEIGHTS, ChunkVersions
 
-WEIGHTS, STATE = "w", "s"
 # Bytes of optimizer state per byte of weight, for the budget check.
 _STATE_PER_WEIGHT = {"adamw": 2, "sgd": 1}
 
@@ -158,11 +153,8 @@ class StreamedTraining:
         )
         self.budget = resolve_budget(config.strategy.memory_budget, device)
         self.stats = IOStats()
+        self.versions = ChunkVersions(self.store, self.plan)
         self.cache: ChunkCache | None = None
-        # The files reads use (the newest durable versions), and those the manifest names.
-        self.records: list[dict[str, PartRecord | None]] | None = None
-        self._committed: list[dict[str, PartRecord | None]] = []
-        self._publishing: Future[None] | None = None
         self.metrics: dict[str, float] = {}
         self._empty = {n: torch.empty(0, dtype=d) for n, d in self.plan.dtypes.items()}
         self._rss_base = 0
@@ -179,14 +171,8 @@ class StreamedTraining:
         self._rss_base = current_rss()
 
     def _initialize(self) -> None:
-        """Write version 0 of every chunk from the model's freshly initialised weights."""
-        self.store.sweep({"chunks": []})
-        self.records = []
-        for j, chunk in enumerate(self.plan.chunks):
-            weights = {n: self.plan.params[n].detach() for n in self.plan.owned[j]}
-            record = self.store.write(j, chunk.name, WEIGHTS, 0, weights)
-            self.records.append({WEIGHTS: record, STATE: None})
-        self._committed = _copy(self.records)
+        """Write version 0 of every chunk, then free the model's copy of the weights."""
+        self.versions.initialize()
         self.log(
             f"streaming: {len(self.plan.chunks)} chunks written to {self.store.root}, "
             f"memory budget {self.budget:,} bytes"
@@ -195,68 +181,17 @@ class StreamedTraining:
 
     def resume(self) -> dict[str, Any] | None:
         """The trainer state of the last commit (chunks verified), or None before the first."""
-        manifest = self.store.load_manifest()
-        if manifest is None:
-            return None
-        names = [c.name for c in self.plan.chunks]
-        if [c["name"] for c in manifest["chunks"]] != names:
-            raise CheckpointError(
-                f"the stream store {self.store.root} holds chunks "
-                f"{[c['name'] for c in manifest['chunks']]}, but the model has {names}; "
-                "it belongs to another model. Start a new run."
-            )
-        self.store.verify(manifest)
-        self.store.sweep(manifest)
-        self.records = [
-            {part: None if rec is None else PartRecord(**rec) for part, rec in c["parts"].items()}
-            for c in manifest["chunks"]
-        ]
-        self._committed = _copy(self.records)
-        self._release_model()
-        return decode_state_json(manifest["state"])
+        state = self.versions.resume()
+        if state is not None:
+            self._release_model()
+        return state
 
     def commit(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Make this step's chunk versions and ``state`` current in one atomic manifest replace.
-
-        The replace runs on the writer thread as soon as the step's writes are durable, so they
-        overlap the next step's forward; ``flush`` waits for it. A failed write stops it (and
-        every later one) from running: the manifest never names a half-written step.
-        """
-        if self.records is None:
+        """Commit this step's chunk versions and ``state`` (in the background once a step has
+        run; see ``ChunkVersions.commit``)."""
+        if not self.versions.started:
             self._initialize()
-        assert self.records is not None
-        self._raise_failed_commit()
-        records, snapshot = self.records, encode_state_json(state)
-
-        def publish() -> None:
-            # On the writer thread, after this step's writes and before the next step's.
-            self.store.commit(
-                {
-                    "step": step,
-                    "meta": meta,
-                    "chunks": [
-                        {"name": c.name, "parts": {p: record_dict(r) for p, r in parts.items()}}
-                        for c, parts in zip(self.plan.chunks, records, strict=True)
-                    ],
-                    "state_keys": self.plan.state_keys,
-                    "state": snapshot,
-                }
-            )
-            self._committed = _copy(records)
-
-        if self.cache is None:  # before the first step: nothing is in flight
-            publish()
-        else:
-            self._publishing = self.cache.after_writes(publish)
-
-    def flush(self) -> None:
-        """Wait until the last commit is on disk; raise its error if it failed."""
-        if self._publishing is not None:
-            self._publishing.result()
-
-    def _raise_failed_commit(self) -> None:
-        if self._publishing is not None and self._publishing.done():
-            self._publishing.result()
+        self.versions.commit(step, state, meta, self.cache)
 
     @contextlib.contextmanager
     def model_in_memory(self) -> Iterator[None]:
@@ -269,11 +204,11 @@ class StreamedTraining:
 
     def load_model(self) -> None:
         """Load the current weights into the model's parameters (4 bytes per parameter)."""
-        if self.records is None:  # never streamed: the model still holds its weights
+        if not self.versions.started:  # never streamed: the model still holds its weights
             return
-        self.flush()
+        self.versions.flush()
         for j in range(len(self.plan.chunks)):
-            tensors = self.store.read(self.records[j][WEIGHTS])  # type: ignore[arg-type]
+            tensors = self.store.read(self.versions.record(j, WEIGHTS))  # type: ignore[arg-type]
             for name in self.plan.owned[j]:
                 self.plan.params[name].data = tensors[name].to(self.device, copy=True)
 
@@ -282,7 +217,7 @@ class StreamedTraining:
         if self.cache is None:
             return
         try:
-            self.flush()
+            self.versions.flush()
         finally:
             self.cache.close()
             self.cache = None
@@ -299,10 +234,10 @@ class StreamedTraining:
         inputs = [self._model_input(m) for m in micros]
         if self.cache is None:
             self._prepare(inputs[0], len(micros))
-        if self.records is None:
+        if not self.versions.started:
             self._initialize()
-        assert self.cache is not None and self.records is not None
-        self._raise_failed_commit()
+        assert self.cache is not None
+        self.versions.raise_failed()
         reset_peak()
         started = time.perf_counter()
         self.stats.reset(self.cache.resident)
@@ -324,7 +259,7 @@ class StreamedTraining:
             # Resident copies may be half updated; the committed files are untouched. Back to
             # the last commit (after the one in flight, if any, has run).
             self.cache.clear()
-            self.records = _copy(self._committed)
+            self.versions.rollback()
             for name, p in self.plan.params.items():
                 p.data, p.grad = self._empty[name], None
             raise
@@ -371,10 +306,10 @@ class StreamedTraining:
 
     def _acquire(self, st: _Step, index: int, parts: tuple[str, ...]) -> None:
         """Make chunk ``index`` (and the chunks it borrows from) resident; point the params."""
-        assert self.cache is not None and self.records is not None
+        assert self.cache is not None
         for k in self.plan.needed(index):
             for part in parts if k == index else (WEIGHTS,):
-                tensors = self.cache.get((k, part), self.records[k][part])
+                tensors = self.cache.get((k, part), self.versions.record(k, part))
                 if part == WEIGHTS:
                     for name in self.plan.owned[k]:
                         if name in self.plan.used[index]:
@@ -383,7 +318,7 @@ class StreamedTraining:
         for j, upcoming in st.schedule[st.cursor : st.cursor + self.cfg.strategy.prefetch_chunks]:
             for k in self.plan.needed(j):
                 for part in upcoming if k == j else (WEIGHTS,):
-                    self.cache.prefetch((k, part), self.records[k][part])
+                    self.cache.prefetch((k, part), self.versions.record(k, part))
 
     def _release(self, index: int) -> None:
         assert self.cache is not None
@@ -537,7 +472,7 @@ class StreamedTraining:
 
     def _update(self, j: int, owned: list[str], acc: dict[str, torch.Tensor], up: _Update) -> None:
         """Clip, step chunk ``j``'s own optimizer, and write its new version behind."""
-        assert self.cache is not None and self.records is not None
+        assert self.cache is not None
         params = [self.plan.params[n] for n in owned]
         grads = [acc[n] for n in owned]
         if up.coef is not None and grads:
@@ -545,8 +480,8 @@ class StreamedTraining:
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         state_key: Key = (j, STATE)
-        weights = self.cache.get((j, WEIGHTS), self.records[j][WEIGHTS])
-        saved = self.cache.get(state_key, self.records[j][STATE])
+        weights = self.cache.get((j, WEIGHTS), self.versions.record(j, WEIGHTS))
+        saved = self.cache.get(state_key, self.versions.record(j, STATE))
         # This chunk's previous versions may still be on their way to disk.
         self.cache.wait_write((j, WEIGHTS))
         self.cache.wait_write(state_key)
@@ -572,17 +507,7 @@ class StreamedTraining:
             self.cache.put(state_key, new_state)
         name = self.plan.chunks[j].name
         for part in (WEIGHTS, STATE):
-            self.cache.write_behind((j, part), name, up.version, self._written(j, part))
-
-    def _written(self, j: int, part: str) -> Callable[[PartRecord], None]:
-        """Where a durable new version of a part is recorded (called on the writer thread)."""
-        assert self.records is not None
-        records = self.records
-
-        def note(record: PartRecord) -> None:
-            records[j][part] = record
-
-        return note
+            self.cache.write_behind((j, part), name, up.version, self.versions.written(j, part))
 
     def _total_norm(self, norms: dict[str, torch.Tensor]) -> torch.Tensor:
         """The global 2-norm over parameters in the model's order, as clip_grad_norm_ forms it."""
@@ -617,10 +542,6 @@ class StreamedTraining:
             "stream_resident_bytes": s.peak_resident,
             "stream_rss_growth_bytes": max(0, peak_rss() - self._rss_base),
         }
-
-
-def _copy(records: list[dict[str, PartRecord | None]]) -> list[dict[str, PartRecord | None]]:
-    return [dict(parts) for parts in records]
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -7,8 +7,9 @@ from typing import Any
 
 from kiln.checkpoint import CheckpointInfo
 from kiln.config import Config
-from kiln.streaming.executor import WEIGHTS, store_root
+from kiln.streaming.executor import store_root
 from kiln.streaming.store import MANIFEST, ChunkStore, PartRecord, decode_state_json
+from kiln.streaming.versions import WEIGHTS
 
 
 def committed_checkpoint(
