@@ -83,7 +83,7 @@ def _layout_header(layout: tuple[tuple[str, torch.dtype, tuple[int, ...]], ...])
 
 def part_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     """The size of the file ``write_part`` makes of ``tensors``."""
-    return len(_header(tensors)) + sum(t.numel() * t.element_size() for t in tensors.values())
+    return len(_header(tensors)) + sum(_nbytes(t) for t in tensors.values())
 
 
 def image_size(nbytes: int) -> int:
@@ -122,7 +122,7 @@ def as_image(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if image_of(tensors) is not None:
         return tensors
     header = _header(tensors)
-    buffer = mapped_empty(image_size(len(header) + sum(_nbytes(t) for t in tensors.values())))
+    buffer = mapped_empty(image_size(part_nbytes(tensors)))
     buffer[: len(header)] = torch.frombuffer(bytearray(header), dtype=torch.uint8)
     (length,) = struct.unpack("<Q", header[:8])
     out = _views(buffer, json.loads(header[8:]), 8 + length)
