@@ -244,24 +244,24 @@ class ChunkCache:
         receives the new file's record once it is durable (on the writer thread). The tensors
         must not change until ``wait_write(key)`` returns.
         """
+        self.wait_write(key)  # an earlier version of this part must be on disk first
         entry = self._entries[key]
         if self.store.direct:  # from now on this part is written straight from memory
             entry.tensors = as_image(entry.tensors)
         entry.nbytes = tensors_nbytes(entry.tensors)
-        chunk, part = key
+        tensors, (chunk, part) = entry.tensors, key
 
         def write() -> PartRecord:
             try:
-                record = self.store.write(chunk, name, part, version, entry.tensors)
+                record = self.store.write(chunk, name, part, version, tensors)
             except BaseException as exc:
                 self._failure = exc
                 raise
             written(record)
             return record
 
-        self.wait_write(key)
         self._writes[key] = self._writer.submit(write)
-        self.stats.add(written=part_nbytes(entry.tensors))
+        self.stats.add(written=part_nbytes(tensors))
         self._note_resident()
 
     def wait_write(self, key: Key) -> None:
