@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -70,7 +72,7 @@ def test_an_image_is_written_as_it_is_and_both_paths_give_the_same_file(
     buffered = store.write(1, "a", "s", 1, tensors)  # not an image: through the page cache
     assert opened == [direct_supported]  # only the image was offered direct I/O
     assert (tmp_path / from_image.file).read_bytes() == (tmp_path / buffered.file).read_bytes()
-    assert (from_image.nbytes, from_image.crc32) == (buffered.nbytes, buffered.crc32)
+    assert (from_image.nbytes, from_image.checksum) == (buffered.nbytes, buffered.checksum)
     back = store.read(from_image)  # into an image: written back directly next time
     assert image_of(back) is not None and torch.equal(back["w"], tensors["w"])
 
@@ -82,9 +84,9 @@ def test_a_flipped_byte_or_a_torn_file_is_detected(tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="CRC-32"):
+    with pytest.raises(CheckpointError, match="checksum"):
         store.read(record)
-    with pytest.raises(CheckpointError, match="CRC-32"):
+    with pytest.raises(CheckpointError, match="checksum"):
         store.verify(_manifest([record]))
     path.write_bytes(bytes(data[:-10]))
     with pytest.raises(CheckpointError, match="does not match"):
@@ -92,6 +94,30 @@ def test_a_flipped_byte_or_a_torn_file_is_detected(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(CheckpointError, match="missing"):
         store.verify(_manifest([record]))
+
+
+def test_a_store_from_manifest_format_1_with_crc32_still_verifies(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    record = store.write(0, "a", "w", 1, _tensors())
+    old = asdict(record)
+    del old["checksum"]
+    old["crc32"] = zlib.crc32((tmp_path / record.file).read_bytes())
+    manifest = {"format_version": 1, "chunks": [{"name": "a", "parts": {"w": old}}]}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    loaded = store.load_manifest()
+    assert loaded is not None
+    store.verify(loaded)
+    (rec,) = store_module.iter_records(loaded)
+    assert torch.equal(store.read(PartRecord(**rec))["a.weight"], _tensors()["a.weight"])
+    rec["checksum"] = store_module.checksum.crc32_digest(old["crc32"] ^ 1)
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.verify(loaded)
+
+
+def test_a_manifest_from_a_newer_kiln_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text(json.dumps({"format_version": 99, "chunks": []}))
+    with pytest.raises(CheckpointError, match=r"format version 99.*newer Kiln"):
+        ChunkStore(tmp_path).load_manifest()
 
 
 def test_commit_replaces_the_manifest_then_deletes_unnamed_files(tmp_path: Path) -> None:

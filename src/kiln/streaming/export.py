@@ -18,7 +18,7 @@ def committed_checkpoint(
     """(info, state) of the run's committed step, as ``load_checkpoint`` returns them.
 
     ``state["model"]`` has the model's state-dict keys in its order (a tied key maps to the same
-    tensor as its owner); every chunk file is checked against its CRC-32 while it is read.
+    tensor as its owner); every chunk file is checked against its checksum while it is read.
     None if the run is not streamed or has not committed a step yet.
     """
     root = store_root(config, Path(run_dir))

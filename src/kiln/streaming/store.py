@@ -5,9 +5,10 @@ where part ``w`` holds the weights and part ``s`` the optimizer state, in the sa
 layout (8-byte header length, JSON header, raw little-endian data), so any safetensors reader
 opens them. A file is written to a temporary name, fsynced and renamed; ``commit`` fsyncs the
 folder and then atomically replaces ``MANIFEST.json`` - the one commit point, listing for every
-chunk part its file, version, size and CRC-32 - and only then deletes files the manifest no
-longer names. A kill at any instant therefore leaves the previous manifest and every file it
-names intact; leftovers of an interrupted step are swept when the store is opened again.
+chunk part its file, version, size and checksum (see ``checksum``) - and only then deletes
+files the manifest no longer names. A kill at any instant therefore leaves the previous manifest
+and every file it names intact; leftovers of an interrupted step are swept when the store is
+opened again.
 
 In memory a part is one page-aligned buffer laid out exactly like its file (its *image*): reads
 fill it and the tensors view it, updates change it in place, and a write sends it back as it
@@ -25,7 +26,6 @@ import json
 import math
 import os
 import struct
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,11 @@ import torch
 from kiln.errors import CheckpointError
 from kiln.fsio import atomic_write, fsync_path
 from kiln.state_codec import decode_state, encode_state
+from kiln.streaming import checksum
 from kiln.streaming.memory import mapped_empty
 
 MANIFEST = "MANIFEST.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 listed a part's CRC-32 as "crc32"; still read
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL",
@@ -55,7 +56,7 @@ class PartRecord:
     file: str
     version: int
     nbytes: int
-    crc32: int
+    checksum: str  # tagged digest, see ``checksum``
 
 
 def _header(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -193,18 +194,17 @@ def write_part(path: Path, tensors: dict[str, torch.Tensor], *, direct: bool) ->
             os.fsync(fd)
         finally:
             os.close(fd)
-        crc = zlib.crc32(image[:total])
+        digest = checksum.digest([image[:total]])
     else:
-        crc, total = 0, 0
+        blocks = [memoryview(_header(tensors)), *(_raw_bytes(t) for t in tensors.values())]
         with open(tmp, "wb") as handle:
-            for block in [memoryview(_header(tensors)), *(_raw_bytes(t) for t in tensors.values())]:
+            for block in blocks:
                 handle.write(block)
-                crc = zlib.crc32(block, crc)
-                total += len(block)
             handle.flush()
             os.fsync(handle.fileno())
+        total, digest = sum(len(b) for b in blocks), checksum.digest(blocks)
     os.replace(tmp, path)
-    return PartRecord(path.name, _version_of(path.name), total, crc)
+    return PartRecord(path.name, _version_of(path.name), total, digest)
 
 
 def _read_into(path: Path, view: memoryview, nbytes: int, *, direct: bool) -> tuple[int, bool]:
@@ -228,7 +228,7 @@ def _read_into(path: Path, view: memoryview, nbytes: int, *, direct: bool) -> tu
 def read_part(
     path: Path, record: PartRecord, *, direct: bool, into: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read a part into an image buffer, check its size and CRC-32, return tensors viewing it.
+    """Read a part into an image buffer, check its size and checksum, return tensors viewing it.
 
     ``into``: the buffer to fill (``image_size(record.nbytes)`` bytes, page-aligned); default
     a new one.
@@ -239,9 +239,9 @@ def read_part(
         got, longer = _read_into(path, view, record.nbytes, direct=direct)
     except OSError as exc:
         raise CheckpointError(f"cannot read chunk file {path}: {exc}") from exc
-    if got != record.nbytes or longer or zlib.crc32(view[:got]) != record.crc32:
+    if got != record.nbytes or longer or not checksum.matches(view[:got], record.checksum):
         raise CheckpointError(
-            f"chunk file {path} does not match the manifest (size or CRC-32 differs): the store "
+            f"chunk file {path} does not match the manifest (size or checksum differs): the store "
             "is corrupt. Restore it from a backup or start a new run."
         )
     (length,) = struct.unpack("<Q", bytes(view[:8]))
@@ -284,8 +284,14 @@ class ChunkStore:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read the stream manifest {path}: {exc}") from exc
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{path} has an unknown format version")
+        if manifest.get("format_version") == 1:
+            for rec in iter_records(manifest):
+                rec["checksum"] = checksum.crc32_digest(rec.pop("crc32"))
+        elif manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{path} has format version {manifest.get('format_version')}, which this Kiln "
+                f"does not know (it writes {FORMAT_VERSION}); it was written by a newer Kiln."
+            )
         return manifest
 
     def commit(self, manifest: dict[str, Any]) -> None:
@@ -303,7 +309,7 @@ class ChunkStore:
                 path.unlink(missing_ok=True)
 
     def verify(self, manifest: dict[str, Any]) -> None:
-        """Check every file the manifest names (size and CRC-32); raise ``CheckpointError``."""
+        """Check every file the manifest names (size and checksum); raise ``CheckpointError``."""
         for rec in iter_records(manifest):
             record = PartRecord(**rec)
             path = self.root / record.file
