@@ -9,8 +9,9 @@ What is measured, in one run
        with one short window per step, with 1 and with 2 compute threads; the store's direct I/O
        (``strategy.direct_io``, the default) bypasses the page cache, so every read comes from
        the disk. Per step: achieved step time against the bound ``bytes read / read bandwidth +
-       bytes written / write bandwidth`` (reads and writes share one device), and the bytes
-       moved per parameter.
+       bytes written / write bandwidth`` (reads and writes share one device), the bytes
+       moved per parameter, the share of the step with a read or write in progress
+       (``stream_io_busy_sec``) and the rate bytes moved meanwhile.
     3. Compute-bound regime: the same GPT with a large batch, streamed under a budget that
        holds every chunk (``auto``) against in-memory training (``strategy.name: single``) of
        the same config; with the default clipping and with ``grad_clip: 0``.
@@ -126,6 +127,13 @@ def io_bound(root: Path, steps: int, probe_mib: int, threads: int) -> dict[str, 
         "read_per_param": statistics.median(r["stream_bytes_read"] / params for r in rows),
         "write_per_param": statistics.median(r["stream_bytes_written"] / params for r in rows),
         "io_wait_sec": statistics.median(r["stream_io_wait_sec"] for r in rows),
+        # How much of the step the store kept the disk busy, and at what rate it moved bytes
+        # then: below the probed bandwidth means reads and writes slowed each other down.
+        "io_busy_fraction": statistics.median(
+            r["stream_io_busy_sec"] / a for r, a in zip(rows, achieved, strict=True)),
+        "busy_bandwidth": statistics.median(
+            (r["stream_bytes_read"] + r["stream_bytes_written"]) / r["stream_io_busy_sec"]
+            for r in rows),
     }
 
 
@@ -171,7 +179,8 @@ def main() -> None:
               f"step {r['step_sec']:.2f} s, bound {r['bound_sec']:.2f} s -> "
               f"{100 * r['fraction_of_bound']:.0f}% of the bound; waited {r['io_wait_sec']:.2f} s "
               f"for I/O; {r['read_per_param']:.1f} B read + {r['write_per_param']:.1f} B written "
-              "per param")
+              f"per param; I/O in progress {100 * r['io_busy_fraction']:.0f}% of the step, "
+              f"moving {r['busy_bandwidth'] / 2**20:.0f} MiB/s meanwhile")
     compute = [] if args.io_only else [compute_bound(root, args.steps, c) for c in (1.0, 0.0)]
     for c in compute:
         print(f"compute-bound, grad_clip {c['grad_clip']}: {c['tokens_per_step']} tokens/step, "

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.streaming import cache as cache_module
 from kiln.streaming.cache import ChunkCache, IOStats
 from kiln.streaming.store import ChunkStore, PartRecord
 
@@ -63,6 +64,30 @@ def test_an_evicted_parts_buffer_is_reused_only_when_nothing_else_views_it(
     assert torch.equal(kept, torch.full((MB // 4,), 3.0))
     assert read(0)["x"][0] == 0 and read(1)["x"][0] == 1
     cache.close()
+
+
+def test_io_busy_time_is_the_union_of_overlapping_io_within_the_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(cache_module.time, "perf_counter", lambda: clock[0])
+
+    def at(t: float) -> None:
+        clock[0] = t
+
+    stats = IOStats()
+    stats.reset(0)
+    read, write, late = stats.io(), stats.io(), stats.io()
+    at(1), read.__enter__()
+    at(2), write.__enter__()
+    at(3), read.__exit__(None, None, None)
+    at(5), write.__exit__(None, None, None)  # busy 1..5 once, not 1..3 plus 2..5
+    at(6), late.__enter__()
+    at(7)
+    assert stats.io_busy() == 5.0  # 4 closed plus the 1 s of the write still running
+    stats.reset(0)  # a new step while that write runs: it counts from here
+    at(9), late.__exit__(None, None, None)
+    assert stats.io_busy() == 2.0
 
 
 def test_pinned_parts_are_not_evicted(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,7 +47,8 @@ class IOStats:
     """Counters of one step (``reset`` at its start).
 
     Read and write bytes are file bytes; a write counts when it is issued (it may finish during
-    the next step).
+    the next step). I/O busy time is the part of the step in which at least one read or write
+    (with its checksum) was in progress: the step's time less it is time the disk sat idle.
     """
 
     bytes_read: int = 0
@@ -56,12 +58,37 @@ class IOStats:
     io_wait: float = 0.0
     peak_resident: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _busy: float = 0.0  # closed busy intervals of this step
+    _in_flight: int = 0
+    _busy_since: float = 0.0
 
     def reset(self, resident: int) -> None:
         with self.lock:
             self.bytes_read = self.bytes_written = self.hits = self.misses = 0
-            self.io_wait = 0.0
+            self.io_wait = self._busy = 0.0
+            self._busy_since = time.perf_counter()  # I/O still running counts from here
             self.peak_resident = resident
+
+    @contextmanager
+    def io(self) -> Iterator[None]:
+        """Mark a read or write in progress (on whichever thread does it)."""
+        with self.lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._busy += time.perf_counter() - self._busy_since
+
+    def io_busy(self) -> float:
+        """Seconds of this step so far with I/O in progress."""
+        with self.lock:
+            running = time.perf_counter() - self._busy_since if self._in_flight else 0.0
+            return self._busy + running
 
     def add(self, *, read: int = 0, written: int = 0) -> None:
         with self.lock:
@@ -186,7 +213,8 @@ class ChunkCache:
     # ------------------------------------------------------------------ reads
 
     def _read(self, record: PartRecord, buffer: torch.Tensor) -> Tensors:
-        tensors = self.store.read(record, into=buffer)
+        with self.stats.io():
+            tensors = self.store.read(record, into=buffer)
         self.stats.add(read=record.nbytes)
         return tensors
 
@@ -253,7 +281,8 @@ class ChunkCache:
 
         def write() -> PartRecord:
             try:
-                record = self.store.write(chunk, name, part, version, tensors)
+                with self.stats.io():
+                    record = self.store.write(chunk, name, part, version, tensors)
             except BaseException as exc:
                 self._failure = exc
                 raise

@@ -538,6 +538,7 @@ class StreamedTraining:
             "stream_cache_hits": s.hits,
             "stream_cache_misses": s.misses,
             "stream_io_wait_sec": s.io_wait,
+            "stream_io_busy_sec": s.io_busy(),
             "stream_bandwidth_bytes_per_sec": moved / elapsed if elapsed > 0 else 0.0,
             "stream_resident_bytes": s.peak_resident,
             "stream_rss_growth_bytes": max(0, peak_rss() - self._rss_base),
