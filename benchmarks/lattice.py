@@ -10,7 +10,8 @@ What is timed
     One training step's worth of work per propagation step: forward through ``steps`` propagation
     steps, then backward of ``mean(output^2) + mean(state^2)`` (the state term makes every cell
     part of the backward, as in training with internal losses). Reported per propagation step
-    (total / steps), median over ``--repeats`` after one warm-up run. The full-size reference is
+    (total / steps), median over ``--repeats`` after ``--warmups`` untimed runs (default 2: with
+    glibc tuned, the heap takes a few runs to hold every temporary). The full-size reference is
     slow, so it runs ``--ref-steps`` propagation steps (default 1) and fewer repeats; its cost is
     linear in the number of steps (every step does the same per-cell work), so the per-step time
     extrapolates directly.
@@ -36,7 +37,8 @@ Training through the engine (``--train-grids``, default "small,full")
     table also gives the time of one epoch over the default dialogue set (its training pairs /
     batch steps).
 
-Options: ``--threads`` (default 2), ``--batch`` (default "1,8"), ``--grids`` (small, full),
+Options: ``--threads`` (default 2), ``--ref-threads`` (the reference's; default the same),
+``--warmups``, ``--batch`` (default "1,8"), ``--grids`` (small, full),
 ``--repeats``, ``--device``, ``--malloc-tuned`` (also run with glibc told to keep freed memory,
 ``kiln.engine.allocator``, which removes the page-fault cost of large temporaries),
 ``--train-grids``, ``--train-steps``,
@@ -128,7 +130,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    run()  # warm-up
+    for _ in range(spec["warmups"]):  # the first runs also grow the heap (with malloc tuning)
+        run()
     times = [run() for _ in range(spec["repeats"])]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
     per_step = statistics.median(times) / steps
@@ -253,6 +256,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ref-repeats", type=int, default=2, help="repeats of the full-size reference")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ref-threads", type=int, default=None,
+                   help="threads of the per-cell reference (default --threads); its many tiny "
+                        "ops run fastest on 1")
+    p.add_argument("--warmups", type=int, default=2, help="untimed runs before the repeats")
     p.add_argument("--device", default="cpu")
     p.add_argument("--malloc-tuned", action="store_true", help="also run with glibc tuning")
     p.add_argument("--train-grids", default="small,full", help="grids trained by the engine")
@@ -273,7 +280,9 @@ def main() -> None:
     base = {
         "threads": args.threads, "device": args.device, "sharing": "none", "checkpoint": False,
         "bf16": False, "impl": "batched", "repeats": args.repeats, "steps": args.steps,
+        "warmups": args.warmups,
     }
+    ref_threads = args.ref_threads or args.threads
     specs: list[tuple[str, dict[str, Any]]] = []
     for grid in filter(None, args.grids.split(",")):
         for batch in (int(b) for b in args.batch.split(",")):
@@ -281,7 +290,7 @@ def main() -> None:
             ref_repeats = args.ref_repeats if grid == "full" else args.repeats
             specs += [
                 ("reference fp32", {**cfg, "impl": "reference", "steps": args.ref_steps,
-                                    "repeats": ref_repeats}),
+                                    "repeats": ref_repeats, "threads": ref_threads}),
                 ("batched fp32", cfg),
                 ("batched bf16", {**cfg, "bf16": True}),
                 ("batched fp32 checkpoint", {**cfg, "checkpoint": True}),
@@ -298,7 +307,7 @@ def main() -> None:
     print(f"command: {shlex.join([sys.executable, *sys.argv])}")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, python {platform.python_version()}, "
-          f"threads {args.threads}, device {args.device}")
+          f"threads {args.threads} (reference {ref_threads}), device {args.device}")
     print(f"load average before: {load_average()}\n")
     results = compare(specs)
     results += train_variants(args)

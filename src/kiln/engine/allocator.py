@@ -5,8 +5,10 @@ Two opposite needs, one per workload:
 - Speed (``keep_freed_memory``). By default glibc serves blocks above its mmap threshold (at
   most 32 MiB) with fresh ``mmap`` calls and returns them on free, so every 100 MB temporary of
   a full-size lattice step is faulted in page by page again. Keeping large blocks on the heap
-  (``M_MMAP_MAX = 0``) and never trimming it (a high ``M_TRIM_THRESHOLD``) lets the next step
-  reuse the same pages; resident memory then stays at its peak.
+  (``M_MMAP_MAX = 0``) and never trimming it (``M_TRIM_THRESHOLD = -1``) lets the next step
+  reuse the same pages; resident memory then stays at its peak. Any finite trim threshold
+  falls short: a step that frees more than it at once (3.5 GB for the full lattice at batch 8)
+  hands the pages back, and the next step faults them in again.
 - A bounded resident set (``map_large_allocations``, ``release_free_memory``). Streaming needs
   freed chunk-sized blocks to leave the resident set at once, so they get their own mappings and
   the heap is trimmed between chunks.
@@ -24,7 +26,7 @@ import ctypes.util
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_TRIM_THRESHOLD = 1 << 30  # give memory back only when 1 GiB lies free at the top of the heap
+_NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: trimming off (mallopt(3))
 _MAP_FROM = 1 << 20  # streaming: blocks from 1 MiB get their own mapping
 
 
@@ -48,7 +50,7 @@ def keep_freed_memory() -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM)
     )
 
 
