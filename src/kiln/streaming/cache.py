@@ -48,7 +48,7 @@ class IOStats:
 
     Read and write bytes are file bytes; a write counts when it is issued (it may finish during
     the next step). I/O busy time is the part of the step in which at least one read or write
-    (with its checksum) was in progress: the step's time less it is time the disk sat idle.
+    (with its checksum) was in progress; the rest of the step had no I/O running.
     """
 
     bytes_read: int = 0
@@ -58,9 +58,9 @@ class IOStats:
     io_wait: float = 0.0
     peak_resident: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    _busy: float = 0.0  # closed busy intervals of this step
-    _in_flight: int = 0
-    _busy_since: float = 0.0
+    _busy: float = field(default=0.0, init=False, repr=False)  # closed busy spans of the step
+    _in_flight: int = field(default=0, init=False, repr=False)
+    _busy_since: float = field(default=0.0, init=False, repr=False)
 
     def reset(self, resident: int) -> None:
         with self.lock:
