@@ -7,8 +7,8 @@ Two opposite needs, one per workload:
   a full-size lattice step is faulted in page by page again. Keeping large blocks on the heap
   (``M_MMAP_MAX = 0``) and never trimming it (``M_TRIM_THRESHOLD = -1``) lets the next step
   reuse the same pages; resident memory then stays at its peak. Any finite trim threshold
-  falls short: a step that frees more than it at once (3.5 GB for the full lattice at batch 8)
-  hands the pages back, and the next step faults them in again.
+  falls short: a step that frees more than the threshold at once (3.5 GB for the full lattice
+  at batch 8) hands the pages back, and the next step faults them in again.
 - A bounded resident set (``map_large_allocations``, ``release_free_memory``). Streaming needs
   freed chunk-sized blocks to leave the resident set at once, so they get their own mappings and
   the heap is trimmed between chunks.
