@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -253,6 +254,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kiln` command."""
+    _report_native_crashes()
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "nproc", None) is not None:
@@ -266,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _report_native_crashes() -> None:
+    """Make a crash in native code (a segfault, an abort in a C++ library) print every thread's
+    Python stack; torchrun and the shell otherwise report only the signal."""
+    if not faulthandler.is_enabled() and sys.__stderr__ is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -352,3 +353,36 @@ def test_single_strategy_refuses_several_processes(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"strategy\.name: ddp or fsdp"):
         workflows.train(smoke_config(), echo=False)
+
+
+_SLOW_RANK_0 = """
+import sys, time
+from kiln.config import load_config
+from kiln.engine.distributed import session
+with session(load_config("smoke", ["strategy.name=ddp", "hardware.device=cpu"])) as placement:
+    if placement.rank == 0:
+        time.sleep(2)
+        print("rank 0 done", time.time())
+print("left", time.time())
+"""
+
+
+def test_no_rank_leaves_the_process_group_before_every_rank_is_done() -> None:
+    # Rank 0 finishes last (it writes the final checkpoint); rank 1 must wait for it.
+    base = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
+            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    ranks = [
+        subprocess.Popen([sys.executable, "-c", _SLOW_RANK_0], stdout=subprocess.PIPE,
+                         text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+        for r in (0, 1)
+    ]
+    out = [proc.communicate(timeout=120)[0] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], out
+    times = [dict(line.rsplit(" ", 1) for line in text.splitlines()) for text in out]
+    assert float(times[1]["left"]) >= float(times[0]["rank 0 done"])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

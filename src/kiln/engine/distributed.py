@@ -247,6 +247,9 @@ def session(config: Config) -> Iterator[Local]:
     try:
         with _sigterm_deferred():
             yield cls(rank, local_rank, world, backend)
+        # Ranks finish at different times (rank 0 writes the last checkpoint and the summary);
+        # the teardown below closes every connection, so it waits until all ranks are done.
+        dist.barrier()
     except (dist.DistError, RuntimeError) as exc:
         if not _collective_failure(exc):
             raise
