@@ -42,9 +42,10 @@ Options: ``--threads`` (default 2), ``--ref-threads`` (the reference's; default 
 ``--repeats``, ``--device``, ``--malloc-tuned`` (also run with glibc told to keep freed memory,
 ``kiln.engine.allocator``, which removes the page-fault cost of large temporaries),
 ``--train-grids``, ``--train-steps``,
-``--train-batch``, ``--optimizers`` (time one AdamW and one 8-bit AdamW step alone on the full
-lattice's parameters), ``--json FILE``. An empty ``--grids`` or ``--train-grids`` skips that part.
-See ``--help``.
+``--train-batch``, ``--split`` (profile the tuned batched step once more and give the share
+of matrix products against everything else), ``--optimizers`` (time one AdamW and one 8-bit
+AdamW step alone on the full lattice's parameters), ``--json FILE``. An empty ``--grids`` or
+``--train-grids`` skips that part. See ``--help``.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         run()
     times = [run() for _ in range(spec["repeats"])]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    split = profile_split(run, steps) if spec.get("profile") else {}
     per_step = statistics.median(times) / steps
     return {
         **spec,
@@ -143,7 +145,22 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak,
         "added_bytes": peak - base,
         "parameters": model.num_parameters(),
+        **split,
     }
+
+
+MATMULS = {"aten::bmm", "aten::baddbmm", "aten::mm", "aten::addmm"}
+
+
+def profile_split(run: Any, steps: int) -> dict[str, float]:
+    """One more run under torch.profiler: seconds per propagation step spent in matrix products
+    and in everything else (elementwise passes, reductions, copies), by the ops' own time."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    own = {e.key: e.self_cpu_time_total / 1e6 / steps for e in prof.key_averages()}
+    matmul = sum(t for key, t in own.items() if key in MATMULS)
+    other = sum(t for key, t in own.items() if key.startswith("aten::") and key not in MATMULS)
+    return {"matmul_s": matmul, "other_s": other}
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -265,6 +282,8 @@ def main() -> None:
     p.add_argument("--train-grids", default="small,full", help="grids trained by the engine")
     p.add_argument("--train-steps", type=int, default=4, help="optimizer steps per variant")
     p.add_argument("--train-batch", type=int, default=8, help="samples per optimizer step")
+    p.add_argument("--split", action="store_true",
+                   help="also profile the tuned batched step: matrix products against the rest")
     p.add_argument("--optimizers", action="store_true",
                    help="also time AdamW and 8-bit AdamW steps alone on the full lattice")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -310,6 +329,7 @@ def main() -> None:
           f"threads {args.threads} (reference {ref_threads}), device {args.device}")
     print(f"load average before: {load_average()}\n")
     results = compare(specs)
+    results += split_step(args)
     results += train_variants(args)
     results += optimizer_steps(args)
     print(f"\nload average after: {load_average()}")
@@ -337,6 +357,32 @@ def compare(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         print(f"| {d}x{h}x{w} | {r['batch']} | {name} | {1e3 * r['per_step_s']:,.1f} | "
               f"{r['steps_per_s']:.2f} | {r['speedup']:.1f} | "
               f"{mib(r['peak_bytes'])} | {mib(r['added_bytes'])} |", flush=True)
+    return results
+
+
+def split_step(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Where the tuned batched step's time goes: matrix products against everything else."""
+    if not args.split:
+        return []
+    print("\n| grid | batch | precision | ms / step | matrix products | everything else |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    results = []
+    for grid in filter(None, args.grids.split(",")):
+        for batch in (int(b) for b in args.batch.split(",")):
+            for bf16 in (False, True):
+                r = run_worker({
+                    "threads": args.threads, "device": args.device, "sharing": "none",
+                    "checkpoint": False, "bf16": bf16, "impl": "batched", "grid": grid,
+                    "batch": batch, "repeats": args.repeats, "steps": args.steps,
+                    "warmups": args.warmups, "keep_memory": True, "profile": True,
+                })
+                results.append(r)
+                d, h, w = GRIDS[grid]
+                # The profiled run is slower than the timed ones: shares, not absolute times.
+                total = r["matmul_s"] + r["other_s"]
+                print(f"| {d}x{h}x{w} | {batch} | {'bf16' if bf16 else 'fp32'} | "
+                      f"{1e3 * r['per_step_s']:,.0f} | {100 * r['matmul_s'] / total:.0f}% | "
+                      f"{100 * r['other_s'] / total:.0f}% |", flush=True)
     return results
 
 
