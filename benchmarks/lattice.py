@@ -329,7 +329,7 @@ def main() -> None:
           f"threads {args.threads} (reference {ref_threads}), device {args.device}")
     print(f"load average before: {load_average()}\n")
     results = compare(specs)
-    results += split_step(args)
+    results += split_step(args, base)
     results += train_variants(args)
     results += optimizer_steps(args)
     print(f"\nload average after: {load_average()}")
@@ -360,7 +360,7 @@ def compare(specs: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     return results
 
 
-def split_step(args: argparse.Namespace) -> list[dict[str, Any]]:
+def split_step(args: argparse.Namespace, base: dict[str, Any]) -> list[dict[str, Any]]:
     """Where the tuned batched step's time goes: matrix products against everything else."""
     if not args.split:
         return []
@@ -370,12 +370,8 @@ def split_step(args: argparse.Namespace) -> list[dict[str, Any]]:
     for grid in filter(None, args.grids.split(",")):
         for batch in (int(b) for b in args.batch.split(",")):
             for bf16 in (False, True):
-                r = run_worker({
-                    "threads": args.threads, "device": args.device, "sharing": "none",
-                    "checkpoint": False, "bf16": bf16, "impl": "batched", "grid": grid,
-                    "batch": batch, "repeats": args.repeats, "steps": args.steps,
-                    "warmups": args.warmups, "keep_memory": True, "profile": True,
-                })
+                r = run_worker({**base, "grid": grid, "batch": batch, "bf16": bf16,
+                                "keep_memory": True, "profile": True})
                 results.append(r)
                 d, h, w = GRIDS[grid]
                 # The profiled run is slower than the timed ones: shares, not absolute times.

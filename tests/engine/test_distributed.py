@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, load_config
 from kiln.engine.distributed import (
     DataParallel,
+    _free_port,
     check_world,
     global_batch_size,
     resolve_world,
@@ -380,9 +380,3 @@ def test_no_rank_leaves_the_process_group_before_every_rank_is_done() -> None:
     assert [proc.returncode for proc in ranks] == [0, 0], out
     times = [dict(line.rsplit(" ", 1) for line in text.splitlines()) for text in out]
     assert float(times[1]["left"]) >= float(times[0]["rank 0 done"])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
