@@ -50,17 +50,20 @@ def _sets(overrides: list[str]) -> list[str]:
     return [x for item in overrides for x in ("--set", item)]
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment with Kiln's sources importable, plus ``extra``."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"), **extra}
+
+
 def _kiln(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     return subprocess.run([sys.executable, "-m", "kiln", *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, env=env)
+                          timeout=timeout, check=False, env=_env())
 
 
 def _start(*args: str) -> subprocess.Popen:
     """A kiln command in its own session, so that the whole job can be killed at once."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     return subprocess.Popen([sys.executable, "-m", "kiln", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
 
 
 def _only_run(root: Path) -> Path:
@@ -356,7 +359,7 @@ def test_single_strategy_refuses_several_processes(
 
 
 _SLOW_RANK_0 = """
-import sys, time
+import time
 from kiln.config import load_config
 from kiln.engine.distributed import session
 with session(load_config("smoke", ["strategy.name=ddp", "hardware.device=cpu"])) as placement:
@@ -369,11 +372,11 @@ print("left", time.time())
 
 def test_no_rank_leaves_the_process_group_before_every_rank_is_done() -> None:
     # Rank 0 finishes last (it writes the final checkpoint); rank 1 must wait for it.
-    base = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src"),
-            "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    port = str(_free_port())
     ranks = [
-        subprocess.Popen([sys.executable, "-c", _SLOW_RANK_0], stdout=subprocess.PIPE,
-                         text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+        subprocess.Popen([sys.executable, "-c", _SLOW_RANK_0], stdout=subprocess.PIPE, text=True,
+                         env=_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                  RANK=str(r), LOCAL_RANK=str(r)))
         for r in (0, 1)
     ]
     out = [proc.communicate(timeout=120)[0] for proc in ranks]
