@@ -110,12 +110,12 @@ def test_a_failure_mid_step_leaves_the_last_commit_and_resume_redoes_the_step(
     straight = workflows.train(smoke_config(*common), echo=False).run_dir
     real_write, writes = store_module.write_part, [0]
 
-    def failing_write(path: Path, tensors: dict, *, direct: bool) -> object:
+    def failing_write(path: Path, tensors: dict, **options: object) -> object:
         writes[0] += 1
         if ".v00000004." in path.name and writes[0] % 3 == 0:  # step 4, after some writes
             path.with_name(path.name + ".tmp").write_bytes(b"torn")
             raise OSError("disk went away")
-        return real_write(path, tensors, direct=direct)
+        return real_write(path, tensors, **options)
 
     monkeypatch.setattr(store_module, "write_part", failing_write)
     config = smoke_config(*common)

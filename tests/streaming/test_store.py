@@ -120,7 +120,11 @@ def test_a_manifest_from_a_newer_kiln_is_refused_by_name(tmp_path: Path) -> None
         ChunkStore(tmp_path).load_manifest()
 
 
-def test_commit_replaces_the_manifest_then_deletes_unnamed_files(tmp_path: Path) -> None:
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_commit_replaces_the_manifest_then_retires_unnamed_files(tmp_path: Path) -> None:
     store = ChunkStore(tmp_path)
     old = store.write(0, "a", "w", 1, _tensors())
     store.commit(_manifest([old]) | {"step": 1})
@@ -129,8 +133,32 @@ def test_commit_replaces_the_manifest_then_deletes_unnamed_files(tmp_path: Path)
     assert store.load_manifest()["step"] == 1
     (tmp_path / (new.file + ".tmp")).write_bytes(b"half a chunk")
     store.commit(_manifest([new]) | {"step": 2})
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, new.file])
+    # The old version is kept under a spare name for the next write; the torn temporary goes.
+    (spare,) = [name for name in _names(tmp_path) if name not in (MANIFEST, new.file)]
+    assert spare.endswith(".spare")
     assert json.loads((tmp_path / MANIFEST).read_text())["step"] == 2
+    store.commit(_manifest([new]) | {"step": 3})  # no write took the spare: it is deleted
+    assert _names(tmp_path) == sorted([MANIFEST, new.file])
+
+
+def test_a_write_overwrites_a_spare_of_its_size_in_place(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path)
+    image = as_image({"w": torch.randn(1000, 3), "step": torch.tensor(2.0)})
+    first = store.write(0, "a", "w", 1, image)
+    inode = (tmp_path / first.file).stat().st_ino
+    store.commit(_manifest([first]))
+    second = store.write(0, "a", "w", 2, image)
+    store.commit(_manifest([second]))  # retires version 1
+    other = store.write(1, "b", "w", 1, as_image({"x": torch.ones(7)}))  # another size
+    assert (tmp_path / other.file).stat().st_ino != inode
+    image["w"].add_(1.0)
+    third = store.write(0, "a", "w", 3, image)
+    assert (tmp_path / third.file).stat().st_ino == inode  # version 1's blocks, rewritten
+    assert third.nbytes == (tmp_path / third.file).stat().st_size
+    assert torch.equal(store.read(third)["w"], image["w"])
+    store.commit(_manifest([third]))
+    store.drop_spares()  # the end of a run: only what the manifest names is left
+    assert _names(tmp_path) == sorted([MANIFEST, third.file])
 
 
 def test_sweep_removes_leftovers_of_an_interrupted_step(tmp_path: Path) -> None:
@@ -140,7 +168,7 @@ def test_sweep_removes_leftovers_of_an_interrupted_step(tmp_path: Path) -> None:
     store.write(0, "a", "w", 4, _tensors())  # the interrupted step's new version
     (tmp_path / "c0000-a.w.v00000004.safetensors.tmp").write_bytes(b"torn")
     store.sweep(store.load_manifest())
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, kept.file])
+    assert _names(tmp_path) == sorted([MANIFEST, kept.file])
     store.verify(store.load_manifest())
 
 

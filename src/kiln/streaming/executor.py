@@ -213,7 +213,7 @@ class StreamedTraining:
                 self.plan.params[name].data = tensors[name].to(self.device, copy=True)
 
     def close(self) -> None:
-        """Wait for the last commit, then stop the I/O threads."""
+        """Wait for the last commit, stop the I/O threads and delete the store's spare files."""
         if self.cache is None:
             return
         try:
@@ -221,6 +221,7 @@ class StreamedTraining:
         finally:
             self.cache.close()
             self.cache = None
+            self.store.drop_spares()
 
     # ------------------------------------------------------------------ the step
 
