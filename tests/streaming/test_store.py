@@ -120,6 +120,15 @@ def test_a_manifest_from_a_newer_kiln_is_refused_by_name(tmp_path: Path) -> None
         ChunkStore(tmp_path).load_manifest()
 
 
+@pytest.mark.parametrize("manifest", [{"chunks": []}, [1, 2]], ids=["no_version", "not_a_dict"])
+def test_a_manifest_without_a_format_version_is_refused_as_foreign(
+    tmp_path: Path, manifest: object
+) -> None:
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="no format version: it is not a manifest Kiln"):
+        ChunkStore(tmp_path).load_manifest()
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

@@ -318,13 +318,19 @@ class ChunkStore:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read the stream manifest {path}: {exc}") from exc
-        if manifest.get("format_version") == 1:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        if not isinstance(version, int):
+            raise CheckpointError(
+                f"{path} has no format version: it is not a manifest Kiln wrote, or it was "
+                "edited. Restore the store from a backup or start a new run."
+            )
+        if version == 1:
             for rec in iter_records(manifest):
                 rec["checksum"] = checksum.crc32_digest(rec.pop("crc32"))
-        elif manifest.get("format_version") != FORMAT_VERSION:
+        elif version != FORMAT_VERSION:
             raise CheckpointError(
-                f"{path} has format version {manifest.get('format_version')}, which this Kiln "
-                f"does not know (it writes {FORMAT_VERSION}); it was written by a newer Kiln."
+                f"{path} has format version {version}, which this Kiln does not know (it "
+                f"writes {FORMAT_VERSION}); it was written by a newer Kiln."
             )
         return manifest
 
