@@ -150,7 +150,12 @@ def test_commit_replaces_the_manifest_then_retires_unnamed_files(tmp_path: Path)
     assert _names(tmp_path) == sorted([MANIFEST, new.file])
 
 
-def test_a_write_overwrites_a_spare_of_its_size_in_place(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct_supported", [True, False], ids=["o_direct", "refused"])
+def test_a_write_overwrites_a_spare_of_its_size_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_supported: bool
+) -> None:
+    if not direct_supported:  # the spare is taken, then written through the page cache
+        monkeypatch.setattr(store_module, "_open_direct", lambda path, flags: None)
     store = ChunkStore(tmp_path)
     image = as_image({"w": torch.randn(1000, 3), "step": torch.tensor(2.0)})
     first = store.write(0, "a", "w", 1, image)
