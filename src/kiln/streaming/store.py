@@ -12,11 +12,10 @@ opened again.
 
 With direct I/O, "deletes" is really "recycles": a commit renames the files it retires to
 spare names, and the next step's writes of the same size overwrite a spare instead of creating
-a file. Overwriting
-blocks a file already owns skips the filesystem's allocation of new ones, which on the disks
-measured made writes 1.5-2x faster (BENCHMARKS.md). A spare is never named by the committed
-manifest, so overwriting it is as safe as deleting it; spares left by a kill are swept on open,
-and ``drop_spares`` removes them when a run ends.
+a file. Overwriting blocks a file already owns skips the filesystem's allocation of new ones,
+which on the disk measured made writes 1.5-2x faster (BENCHMARKS.md). A spare is never named by
+the committed manifest, so overwriting it is as safe as deleting it; spares left by a kill are
+swept on open, and ``drop_spares`` removes them when a run ends.
 
 In memory a part is one page-aligned buffer laid out exactly like its file (its *image*): reads
 fill it and the tensors view it, updates change it in place, and a write sends it back as it
