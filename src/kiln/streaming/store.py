@@ -343,8 +343,7 @@ class ChunkStore:
         fsync_path(self.root)  # the renames of this step's part files reach disk first
         atomic_write(self.root / MANIFEST, json.dumps({"format_version": FORMAT_VERSION,
                                                        **manifest}))
-        with self._lock:
-            self._spares = {}  # the step's writes are done: what they did not take goes
+        self._forget_spares()  # the step's writes are done: what they did not take goes
         spares: dict[int, list[Path]] = {}
         for path in self._unnamed(manifest):
             if self.direct and path.name.endswith(".safetensors"):
@@ -358,16 +357,20 @@ class ChunkStore:
 
     def sweep(self, manifest: dict[str, Any]) -> None:
         """Delete files (part files, temporaries, spares) that ``manifest`` does not name."""
-        self.drop_spares()
+        self._forget_spares()
         for path in self._unnamed(manifest):
             path.unlink(missing_ok=True)
 
     def drop_spares(self) -> None:
         """Delete the spare files (when no more writes will come)."""
+        for path in itertools.chain.from_iterable(self._forget_spares().values()):
+            path.unlink(missing_ok=True)
+
+    def _forget_spares(self) -> dict[int, list[Path]]:
+        """Stop offering the current spares to writes; returns them."""
         with self._lock:
             spares, self._spares = self._spares, {}
-        for path in itertools.chain.from_iterable(spares.values()):
-            path.unlink(missing_ok=True)
+        return spares
 
     def _unnamed(self, manifest: dict[str, Any]) -> list[Path]:
         keep = {rec["file"] for rec in iter_records(manifest)} | {MANIFEST}
