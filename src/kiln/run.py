@@ -3,6 +3,7 @@
     experiments/<run_id>/
       config_snapshot.yaml   the full resolved config
       status                 running | completed | failed | interrupted
+      lock                   held by the process training the run (its pid inside)
       train.log              human-readable log
       metrics.jsonl          one JSON object per logged step
       metrics.json           summary: final and best values, steps, tokens, wall time
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +31,7 @@ from kiln.fsio import atomic_write
 
 Status = Literal["running", "completed", "failed", "interrupted"]
 SNAPSHOT = "config_snapshot.yaml"
+LOCK = "lock"
 
 
 def new_run_id(config: Config) -> str:
@@ -49,6 +52,7 @@ class Run:
         self.checkpoints = path / "checkpoints"
         self._log = open(path / "train.log", "a", encoding="utf-8")  # noqa: SIM115
         self._metrics = open(path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._lock: int | None = None
 
     @property
     def id(self) -> str:
@@ -69,6 +73,7 @@ class Run:
         (path / "checkpoints").mkdir()
         atomic_write(path / SNAPSHOT, config.to_yaml())
         run = cls(path, config, echo=echo)
+        run.claim()
         run.set_status("running")
         return run
 
@@ -87,6 +92,27 @@ class Run:
         except yaml.YAMLError as exc:
             raise RunError(f"{snapshot} is not valid YAML: {exc}") from None
         return cls(path, validate_config(raw or {}), echo=echo)
+
+    def claim(self) -> None:
+        """Hold the run's lock until ``close`` or the end of this process: one trainer per run.
+
+        An advisory ``flock`` on ``<run>/lock``. The kernel drops it when the process dies, even
+        by SIGKILL, so a crashed run can always be resumed; a run that is still training cannot
+        be resumed a second time beside it.
+        """
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunError(
+                f"run {self.path} is in use by another kiln process (pid {holder}); wait for it "
+                "to end, or stop it, then resume"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
 
     def status(self) -> str:
         """The status word, or 'unknown' if the file is missing."""
@@ -129,6 +155,9 @@ class Run:
     def close(self) -> None:
         self._log.close()
         self._metrics.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
 
 def write_eval(run_dir: Path, step: int, results: dict[str, Any]) -> Path:

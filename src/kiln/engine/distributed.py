@@ -332,6 +332,9 @@ class FollowerRun(Run):
         self.echo = False
         self.checkpoints = path / "checkpoints"
 
+    def claim(self) -> None:
+        pass  # rank 0 holds the run's lock for the whole job
+
     def log(self, message: str, *, echo: bool = True) -> None:
         pass
 
