@@ -82,6 +82,33 @@ def test_resolve_pins_threads_and_device() -> None:
     assert cfg.hardware.device in ("cpu", "cuda")
 
 
+def test_resolve_makes_relative_file_paths_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run resumed from another folder must read the same files and the same chunk store."""
+    monkeypatch.chdir(tmp_path)
+    for name, overrides, read in [
+        ("streaming", ["strategy.store_dir=store", "data.cache_dir=cache",
+                       "data.sources=[{root: src}]", "objectives.cot.path=cot.jsonl"],
+         lambda c: [c.strategy.store_dir, c.data.cache_dir, c.data.sources[0].root,
+                    c.objectives.cot.path]),
+        ("lattice", ["lattice.dialogue_path=pairs.jsonl", "lattice.cache_dir=emb"],
+         lambda c: [c.lattice.dialogue_path, c.lattice.cache_dir]),
+        ("nca", ["nca.target=flame.png"], lambda c: [c.nca.target]),
+        ("hashtron", ["hashtron.task.name=csv", "hashtron.task.options={path: d.csv}"],
+         lambda c: [c.hashtron.task.options["path"]]),
+    ]:
+        resolved = read(resolve_config(load_config(name, overrides)))
+        assert all(Path(p).is_absolute() and Path(p).parent == tmp_path for p in resolved)
+    # packaged names, home-relative and absent paths stay as written
+    kept = resolve_config(load_config("lattice", ["lattice.cache_dir=~/emb"]))
+    assert (kept.lattice.dialogue_path, kept.lattice.cache_dir) == ("packaged", "~/emb")
+    kept = resolve_config(load_config("default", ["objectives.cot.path=examples"]))
+    assert (kept.objectives.cot.path, kept.data.sources[0].root) == ("examples", "stdlib")
+    assert resolve_config(load_config("nca")).nca.target == "default"
+    assert resolve_config(load_config("streaming")).strategy.store_dir is None
+
+
 def test_snapshot_round_trips() -> None:
     cfg = resolve_config(load_config("smoke"))
     again = validate_config(yaml.safe_load(cfg.to_yaml()))
@@ -120,7 +147,25 @@ BAD_INPUTS = [
     ({"nca": {"rollout_min": 97}}, ["nca.rollout_min (97) must be <= nca.rollout_max (96)"]),
     ({"schedule": {"name": "exp"}}, ["schedule.name", "'step'"]),
     ({"hashtron": {"pipeline": {"epochs": 0}}}, ["hashtron.pipeline.epochs", "got 0", ">= 1"]),
-    ({"hashtron": {"pipeline": {"epochs": True}}}, ["hashtron.pipeline.epochs", "integer"]),
+    ({"hashtron": {"pipeline": {"epochs": True}}}, ["hashtron.pipeline.epochs", "true/false"]),
+    # true/false where a number belongs would silently read as 1/0 (every_steps: 0 = never)
+    ({"checkpoint": {"every_steps": False}}, ["checkpoint.every_steps", "got False",
+                                              "a number, not true/false"]),
+    ({"strategy": {"memory_budget": True}}, ["strategy.memory_budget", "not true/false"]),
+    ({"model": {"dropout": True}}, ["model.dropout", "not true/false"]),
+    # a count that may be 'auto' is one problem, in words, whatever the bad value
+    ({"strategy": {"memory_budget": "64MiB"}}, ["(1 problem)", "strategy.memory_budget: got "
+                                                "'64MiB'; expected a whole number >= 1 or 'auto'"]),
+    ({"hardware": {"threads": 0}}, ["(1 problem)", "hardware.threads: got 0"]),
+    ({"optimizer": {"betas": [1.0, 0.99]}}, ["optimizer.betas.0", "got 1.0", "less than 1"]),
+    ({"objectives": {"weights": {"next_token": 0}}},
+     ["every token would have loss weight 0", "objectives.weights.next_token"]),
+    ({"job": "lattice", "lattice": {"depth": 1}},
+     ["lattice.depth", "got 1", "greater than or equal to 2"]),
+    ({"job": "lattice", "lattice": {"pool_size": 4}},
+     ["lattice.pool_size (4) must be at least the batch"]),
+    ({"strategy": {"name": "streaming"}, "optimizer": {"name": "adamw8bit"}},
+     ["streaming", "not adamw8bit", "set optimizer.name: adamw or sgd"]),
     ({"hashtron": {"pipeline": {"direction": "up"}}}, ["hashtron.pipeline.direction", "'up'",
                                                        "'backward'", "'forward'"]),
     ({"hashtron": {"capacity": {"max_change_factor": 0.5}}},
@@ -189,6 +234,11 @@ def test_override_without_equals_sign() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_a_folder_given_as_config_file_is_named_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file inside it"):
+        load_config(str(tmp_path))
 
 
 def test_unknown_packaged_name() -> None:

@@ -19,11 +19,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
     ValidationError,
+    ValidationInfo,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -37,12 +40,60 @@ PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNegFloat = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _positive_int_or_auto(value: Any) -> Any:
+    """One clear error for a count that may also be 'auto' (instead of one per union member)."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ValueError("a whole number >= 1 or 'auto'")
+
+
+PositiveIntOrAuto = Annotated[
+    PositiveInt | Literal["auto"], BeforeValidator(_positive_int_or_auto)
+]
+
+
+class FilePath:
+    """Marks a str field as a file-system path: ``resolve_config`` makes a relative one absolute,
+    so a run resumed from another folder reads the same files. ``keywords`` are the field's
+    values that name something packaged rather than a path."""
+
+    def __init__(self, *keywords: str) -> None:
+        self.keywords = keywords
+
+
+def _takes_a_bool(annotation: Any) -> bool:
+    """Whether a field's type admits a bool, looking through Annotated, unions and Literal."""
+    if annotation is bool:
+        return True
+    if typing.get_origin(annotation) is Literal:
+        return any(isinstance(v, bool) for v in typing.get_args(annotation))
+    return any(_takes_a_bool(arg) for arg in typing.get_args(annotation))
+
+
+def _takes_a_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    return any(_takes_a_number(arg) for arg in typing.get_args(annotation))
 
 
 class Section(BaseModel):
     """A config section: unknown keys are errors, values are checked on assignment too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true/false as 1/0 for numbers; `every_steps: false` would silently
+        # mean 0 (no checkpoints), so a bool where a number belongs is an error.
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            if _takes_a_number(annotation) and not _takes_a_bool(annotation):
+                raise ValueError("a number, not true/false")
+        return value
 
 
 class RunSection(Section):
@@ -57,7 +108,7 @@ class RunSection(Section):
 class SourceSection(Section):
     """One corpus source: a root folder and glob patterns relative to it."""
 
-    root: str = Field(
+    root: Annotated[str, FilePath("stdlib")] = Field(
         "stdlib", description="Folder to read; 'stdlib' is the running interpreter's stdlib."
     )
     include: list[str] = Field(["**/*.py"], min_length=1, description="Globs of files to read.")
@@ -87,7 +138,7 @@ class DataSection(Section):
         default_factory=lambda: [SourceSection()], min_length=1, description="Corpus sources."
     )
     max_files: PositiveInt | None = Field(None, description="Read at most this many files.")
-    cache_dir: str = Field(
+    cache_dir: Annotated[str, FilePath()] = Field(
         "~/.cache/kiln", description="Tokenizer and token shards, reused by content hash."
     )
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
@@ -111,7 +162,7 @@ class ComponentWeightsSection(Section):
 class CotSection(Section):
     """Chain-of-thought records (JSONL: prompt, reasoning, answer) mixed into every step."""
 
-    path: str | None = Field(
+    path: Annotated[str, FilePath("examples")] | None = Field(
         None, description="JSONL file of records; 'examples' is the packaged set; null: no CoT."
     )
     fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
@@ -168,7 +219,7 @@ class OptimizerSection(Section):
         "or sgd.",
     )
     lr: Annotated[float, Field(gt=0.0)] = Field(1e-3, description="Peak learning rate.")
-    betas: tuple[Fraction, Fraction] = Field((0.9, 0.95), description="AdamW betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
     eps: Annotated[float, Field(gt=0.0)] = Field(1e-8, description="AdamW epsilon.")
     weight_decay: NonNegFloat = Field(
         0.1, description="Decoupled weight decay (AdamW) or L2 decay (SGD); 2-D weights only."
@@ -229,7 +280,7 @@ class HardwareSection(Section):
     """Where the run executes and how the CPU is used."""
 
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto picks cuda if any.")
-    threads: PositiveInt | Literal["auto"] = Field(
+    threads: PositiveIntOrAuto = Field(
         "auto",
         description="Torch intra-op threads; 'auto' resolves to the CPU count at start and the "
         "resolved number is recorded, since results differ in the last bits across counts.",
@@ -254,7 +305,7 @@ class StrategySection(Section):
         "streaming: parameters and optimizer state live on disk in chunks and stream through "
         "memory (README: Out-of-core training).",
     )
-    world_size: PositiveInt | Literal["auto"] = Field(
+    world_size: PositiveIntOrAuto = Field(
         "auto",
         description="Ranks the global batch is planned for (global batch = micro_batch_size x "
         "grad_accum_steps x world_size); 'auto' records the launched world size at start. A "
@@ -268,12 +319,12 @@ class StrategySection(Section):
         description="Collective timeout: a rank that dies or hangs fails the job after at most "
         "this long (must exceed the slowest checkpoint save or evaluation).",
     )
-    memory_budget: PositiveInt | Literal["auto"] = Field(
+    memory_budget: PositiveIntOrAuto = Field(
         "auto",
         description="streaming: bytes of chunks, gradients and activations held in memory; "
         "auto: half the available RAM (GPU memory when training on cuda).",
     )
-    store_dir: str | None = Field(
+    store_dir: Annotated[str, FilePath()] | None = Field(
         None,
         description="streaming: folder of the chunk store; null: <run dir>/stream, else "
         "<store_dir>/<run id>.",
@@ -484,7 +535,9 @@ class LatticeSection(Section):
     """The lattice job (``job: lattice``): a 3D grid of gMLP cells maps a question's embedding,
     written on its front face, to the answer's embedding, read from its back face."""
 
-    depth: PositiveInt = Field(11, description="Cells along z (input face z=0, output z=D-1).")
+    depth: int = Field(
+        11, ge=2, description="Cells along z (input face z=0, output z=D-1, so at least 2)."
+    )
     height: PositiveInt = Field(15, description="Cells along y.")
     width: PositiveInt = Field(15, description="Cells along x; a face holds height*width values.")
     channels: PositiveInt = Field(32, description="Visible state channels per cell.")
@@ -514,7 +567,7 @@ class LatticeSection(Section):
         "hashed (deterministic trigram hashing, no model).",
     )
     encoder_dim: PositiveInt = Field(64, description="Embedding size of the hashed encoder.")
-    dialogue_path: str = Field(
+    dialogue_path: Annotated[str, FilePath("packaged")] = Field(
         "packaged", description="JSONL of {question, answer}; 'packaged' is Kiln's stdlib set."
     )
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
@@ -523,7 +576,7 @@ class LatticeSection(Section):
     eval_pairs: PositiveInt = Field(
         32, description="Validation pairs used per evaluation (the first N of the held-out set)."
     )
-    cache_dir: str | None = Field(
+    cache_dir: Annotated[str, FilePath()] | None = Field(
         "~/.cache/kiln/embeddings",
         description="Teacher embeddings cached by content hash; null: no cache.",
     )
@@ -553,7 +606,7 @@ class NcaSection(Section):
     """The Growing Neural Cellular Automata job (``job: nca``): a 2-D automaton grown from one
     seed cell into a target image, trained from a pool of states (Mordvintsev et al. 2020)."""
 
-    target: str = Field(
+    target: Annotated[str, FilePath("default")] = Field(
         "default", description="RGBA PNG to grow; 'default' is the packaged kiln-flame image."
     )
     target_size: PositiveInt = Field(
@@ -649,6 +702,11 @@ class Config(Section):
                 f"strategy.name: {name} trains gradient jobs only; the hashtron job runs in one "
                 "process (set strategy.name: single)"
             )
+        if name == "streaming" and self.optimizer.name not in ("adamw", "sgd"):
+            raise ValueError(
+                f"strategy.name: streaming keeps each chunk's optimizer state on disk for adamw "
+                f"and sgd only, not {self.optimizer.name}; set optimizer.name: adamw or sgd"
+            )
         if name == "streaming" and self.hardware.keep_freed_memory:
             raise ValueError(
                 "hardware.keep_freed_memory keeps freed memory resident, which defeats "
@@ -668,6 +726,35 @@ class Config(Section):
             raise ValueError(
                 "strategy.name: fsdp evaluates ppl only during training (every rank must run "
                 "the same forwards); set eval.suites: [ppl] and run `kiln eval` on the run"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _an_objective_has_weight(self) -> Config:
+        if self.job != "lm":
+            return self
+        o = self.objectives
+        cot = o.cot
+        roles = cot.prompt_weight + cot.reasoning_weight + cot.answer_weight
+        if not (
+            o.weights.next_token > 0
+            or (o.fim_rate > 0 and o.weights.fim > 0)
+            or (cot.path is not None and o.weights.cot > 0 and roles > 0)
+        ):
+            raise ValueError(
+                "objectives: every token would have loss weight 0, so nothing would train; "
+                "give objectives.weights.next_token a positive weight (or weights.fim with "
+                "fim_rate > 0, or weights.cot with cot.path set)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lattice_pool_fits_the_batch(self) -> Config:
+        batch = self.training.micro_batch_size * self.training.grad_accum_steps
+        if self.job == "lattice" and self.lattice.pool_size < batch:
+            raise ValueError(
+                f"lattice.pool_size ({self.lattice.pool_size}) must be at least the batch of "
+                f"training.micro_batch_size x grad_accum_steps ({batch})"
             )
         return self
 
@@ -713,6 +800,8 @@ def read_config_source(name_or_path: str | None) -> tuple[dict[str, Any], str]:
     name = name_or_path or DEFAULT_CONFIG_NAME
     path = Path(name).expanduser()
     if path.suffix in (".yaml", ".yml") or os.sep in name or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file inside it")
         if not path.is_file():
             raise ConfigError(
                 f"config file {path} does not exist; pass a YAML file or one of the packaged "
@@ -808,7 +897,8 @@ def format_validation_error(exc: ValidationError) -> str:
             continue
         if isinstance(err["input"], dict):  # a whole section failed a cross-field check
             message = _expected(err)
-            named = message.startswith(f"{path}.")  # the check already names the key path
+            # a whole-config check, or one that already names the key path, speaks for itself
+            named = not err["loc"] or message.startswith(f"{path}.")
             lines.append(f"  {message}" if named else f"  {path}: {message}")
             continue
         lines.append(f"  {path}: got {err['input']!r}; expected {_expected(err)}")
@@ -830,8 +920,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
 
 
 def resolve_config(config: Config) -> Config:
-    """Pin values that 'auto' leaves open on this machine, so the snapshot records them."""
+    """Pin what 'auto' and the current folder leave open, so the snapshot records it: the thread
+    count, the device, and every relative file path (made absolute)."""
     resolved = config.model_copy(deep=True)
+    _absolute_paths(resolved)
+    options = resolved.hashtron.task.options
+    for key in ("path", "root"):  # the csv/jsonl file and the MNIST folder
+        if isinstance(options.get(key), str):
+            options[key] = _absolute(options[key])
     if resolved.hardware.threads == "auto":
         resolved.hardware.threads = os.cpu_count() or 1
     if resolved.hardware.device == "auto":
@@ -839,3 +935,31 @@ def resolve_config(config: Config) -> Config:
 
         resolved.hardware.device = "cuda" if torch.cuda.is_available() else "cpu"
     return resolved
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute against the current folder; a ``~`` path is left as written."""
+    return path if os.path.isabs(os.path.expanduser(path)) else os.path.abspath(path)
+
+
+def _absolute_paths(section: BaseModel) -> None:
+    """Make every relative ``FilePath`` field of ``section`` and its subsections absolute."""
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        # pydantic keeps a plain Annotated field's marks in field.metadata, a union's in its type
+        marks = [
+            m for m in (*field.metadata, *_metadata(field.annotation)) if isinstance(m, FilePath)
+        ]
+        if marks and isinstance(value, str) and value not in marks[0].keywords:
+            setattr(section, name, _absolute(value))
+        for child in value if isinstance(value, list) else [value]:
+            if isinstance(child, BaseModel):
+                _absolute_paths(child)
+
+
+def _metadata(annotation: Any) -> list[Any]:
+    """The Annotated metadata found anywhere in a field's type (``X | None`` included)."""
+    found = list(getattr(annotation, "__metadata__", ()))
+    for arg in typing.get_args(annotation):
+        found += _metadata(arg)
+    return found

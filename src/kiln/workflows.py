@@ -9,6 +9,7 @@ call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job
 from __future__ import annotations
 
 import platform
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from kiln.engine.distributed import (
 )
 from kiln.engine.rank_batches import partition
 from kiln.engine.trainer import Trainer
-from kiln.errors import CheckpointError, KilnError, RunError
+from kiln.errors import CheckpointError, ConfigError, DataError, KilnError, RunError
 from kiln.export import export_bundle
 from kiln.hashtron.multitask import DEFAULT_TASKS, TaskReport, train_tasks
 from kiln.hashtron.tasks import Task
@@ -101,7 +102,14 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
         check_world(config, placement)
         run = create_run(config, placement, echo=echo)
         run.log(f"run {run.id} in {run.path}")
-        return _train_in(run, resume=False, hashtron_task=task, placement=placement)
+        try:
+            return _train_in(run, resume=False, hashtron_task=task, placement=placement)
+        except (ConfigError, DataError):
+            # Checks that need the built model or the data fail at start-up; a run that never
+            # trained a step holds nothing, and an invalid config leaves no run directory.
+            if placement.is_main and _never_trained(run.path):
+                shutil.rmtree(run.path, ignore_errors=True)
+            raise
 
 
 def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
@@ -110,12 +118,23 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
     A data-parallel run may resume under another world size (see ``check_world``).
     """
     run = run_class().open(run_dir, echo=echo)
-    if run.status() == "completed":
-        raise RunError(f"run {run.path} is already completed; nothing to resume")
+    try:
+        run.claim()
+        if run.status() == "completed":
+            raise RunError(f"run {run.path} is already completed; nothing to resume")
+    except RunError:
+        run.close()
+        raise
     with session(run.config) as placement:
         check_world(run.config, placement)
         run.set_status("running")
         return _train_in(run, resume=True, placement=placement)
+
+
+def _never_trained(run_dir: Path) -> bool:
+    """No metrics row and no checkpoint: the run failed before its first step."""
+    checkpoints = run_dir / "checkpoints"
+    return not read_metrics(run_dir) and not (checkpoints.is_dir() and any(checkpoints.iterdir()))
 
 
 def _train_in(

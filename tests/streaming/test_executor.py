@@ -76,14 +76,15 @@ def test_streaming_equals_in_memory_training_byte_for_byte(
 
 
 def test_budget_below_the_largest_chunk_fails_before_any_chunk_is_written(
-    smoke_config: ConfigFactory,
+    smoke_config: ConfigFactory, tmp_path: Path
 ) -> None:
-    config = smoke_config(*STREAM, "strategy.memory_budget=600000")
+    store = tmp_path / "store"
+    config = smoke_config(*STREAM, "strategy.memory_budget=600000", f"strategy.store_dir={store}")
     with pytest.raises(ConfigError, match=r"chunk 'head' needs [\d,]+ bytes.*minimum budget is"):
         workflows.train(config, echo=False)
-    (run,) = Path(config.run.root).iterdir()
-    root = store_root(config, run)
-    assert not any(root.iterdir()) and (run / "status").read_text().strip() == "failed"
+    assert not [p for p in store.rglob("*") if p.is_file()]  # not one chunk was written
+    # Like any invalid config, it leaves no run directory: the run never trained a step.
+    assert not any(Path(config.run.root).iterdir())
 
 
 def test_step_metrics_count_the_bytes_each_step_moves(smoke_config: ConfigFactory) -> None:
