@@ -3,11 +3,14 @@
 Written independently of the batched code (explicit neighbour coordinates, one small gMLP call per
 cell, reading that cell's slice of the stacked weights) so the two can be compared to float
 tolerance, and timed against each other in ``benchmarks/lattice.py``. It draws random numbers in
-the same order as the batched lattice: one ``torch.rand((B, D, H, W))`` per step when fire_rate < 1.
+the same order as the batched lattice: per step, one ``torch.rand((D, H, W))`` from each sample's
+generator when fire_rate < 1.
 Not part of the package: tests and benchmarks only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +88,7 @@ def _alive(lattice: Lattice, state: torch.Tensor, z: int, y: int, x: int) -> tor
 def step(
     lattice: Lattice,
     state: torch.Tensor,
-    generator: torch.Generator | None,
+    generators: Sequence[torch.Generator] | None,
     weights: list[dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """One synchronous step, cell by cell: state (B, D, H, W, K) -> new state."""
@@ -95,7 +98,8 @@ def step(
     c = s.channels
     fire = None
     if s.fire_rate < 1.0:
-        fire = torch.rand((b, d, h, w), generator=generator, device=state.device) < s.fire_rate
+        draws = [torch.rand((d, h, w), generator=g, device=state.device) for g in generators]
+        fire = torch.stack(draws) < s.fire_rate  # (B, D, H, W)
     new_cells = []
     for z in range(d):
         for y in range(h):
@@ -127,11 +131,14 @@ def step(
 
 
 def advance(
-    lattice: Lattice, state: torch.Tensor, steps: int, generator: torch.Generator | None = None
+    lattice: Lattice,
+    state: torch.Tensor,
+    steps: int,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     weights = cell_weights(lattice)
     for _ in range(steps):
-        state = step(lattice, state, generator, weights)
+        state = step(lattice, state, generators, weights)
     return state
 
 
@@ -139,7 +146,7 @@ def forward(
     lattice: Lattice,
     x: torch.Tensor,
     state: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generators: Sequence[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference of ``Lattice.forward``: (B, input_dim) -> output (B, output_dim), final state."""
     s = lattice.shape
@@ -157,11 +164,11 @@ def forward(
         return torch.cat(((st[:, 0] + front)[:, None], st[:, 1:]), dim=1)
 
     if s.inject == "once":
-        state = advance(lattice, inject(state), s.num_steps, generator)
+        state = advance(lattice, inject(state), s.num_steps, generators)
     else:
         weights = cell_weights(lattice)
         for _ in range(s.num_steps):
-            state = step(lattice, inject(state), generator, weights)
+            state = step(lattice, inject(state), generators, weights)
     back = state[:, -1, :, :, : s.channels].reshape(b, face, s.channels)
     if s.output_mode == "direct":
         out = (back * lattice.read_w[None]).sum(-1) + lattice.read_b

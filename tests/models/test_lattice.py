@@ -40,8 +40,9 @@ def random_state(model: Lattice, batch: int = 2, seed: int = 1) -> torch.Tensor:
     return torch.randn(batch, s.depth, s.height, s.width, s.channels + s.memory, generator=g)
 
 
-def gen(seed: int = 7) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def gens(batch: int = 2, seed: int = 7) -> list[torch.Generator]:
+    """One fire-mask generator per sample, as the lattice takes them."""
+    return [torch.Generator().manual_seed(seed + i) for i in range(batch)]
 
 
 # ---- counts and shapes ---------------------------------------------------------------------------
@@ -149,11 +150,11 @@ def test_batched_matches_per_cell_reference(sharing: str, boundary: str) -> None
         sharing=sharing, boundary=boundary, steps=2, fire_rate=0.6, alive_threshold=0.0
     )
     x, state = torch.randn(2, 20), random_state(model)
-    out, final = model(x, state, generator=gen())
+    out, final = model(x, state, generators=gens())
     (out.square().mean() + final.square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    out_ref, final_ref = ref.forward(model, x, state, gen())
+    out_ref, final_ref = ref.forward(model, x, state, gens())
     (out_ref.square().mean() + final_ref.square().mean()).backward()
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(final, final_ref, rtol=1e-5, atol=1e-5)
@@ -214,17 +215,29 @@ def test_fire_rate_one_updates_every_cell() -> None:
     assert changed.all()
 
 
-def test_fire_rate_masks_come_from_the_generator() -> None:
+def test_fire_rate_masks_come_from_each_samples_generator() -> None:
     model = make(fire_rate=0.5)
     state = random_state(model, batch=4)
-    with pytest.raises(ValueError, match="Generator"):
-        model.advance(state, 1)
-    new = model.advance(state, 1, generator=gen(3))
+    for wrong in (None, torch.Generator(), gens(3)):
+        with pytest.raises(ValueError, match=r"one torch\.Generator per sample"):
+            model.advance(state, 1, generators=wrong)
+    new = model.advance(state, 1, generators=gens(4, seed=3))
     changed = (new != state).any(dim=-1)  # (B, D, H, W)
-    expected = torch.rand(changed.shape, generator=gen(3)) < 0.5
+    expected = torch.stack([torch.rand(changed.shape[1:], generator=g) for g in gens(4, 3)]) < 0.5
     assert torch.equal(changed, expected)
     assert 0.3 < changed.float().mean() < 0.7
-    assert torch.equal(model.advance(state, 1, generator=gen(3)), new)
+    assert torch.equal(model.advance(state, 1, generators=gens(4, seed=3)), new)
+
+
+def test_a_samples_masks_do_not_depend_on_the_rest_of_its_batch() -> None:
+    """Micro-batches (accumulation, an out-of-memory retry) must see the same masks."""
+    model = make(fire_rate=0.5, steps=3)
+    x, state = torch.randn(4, 20), random_state(model, batch=4)
+    out, final = model(x, state, generators=gens(4))
+    for part in (slice(0, 2), slice(2, 4), slice(1, 2), slice(3, 4)):
+        out_part, final_part = model(x[part], state[part], generators=gens(4)[part])
+        torch.testing.assert_close(out_part, out[part], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(final_part, final[part], rtol=1e-6, atol=1e-6)
 
 
 def test_alive_masking_kills_cells_without_a_live_neighbour() -> None:
@@ -244,7 +257,7 @@ def test_checkpointing_gives_the_same_values_and_gradients() -> None:
     results = []
     for flag in (False, True):
         model = make(checkpoint=flag, fire_rate=0.5)
-        out, _ = model(torch.ones(2, 20), generator=gen())
+        out, _ = model(torch.ones(2, 20), generators=gens())
         out.square().sum().backward()
         results.append((out.detach(), model.cell.value_w.grad.clone()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)

@@ -13,6 +13,10 @@ mean squared difference between adjacent depth slices of the final visible state
 pool's states bounded (they are reused step after step) and asks information to change gradually
 on its way from the front face to the back. Each component is logged as ``loss_<name>``
 (unweighted); ``loss`` is the weighted sum.
+
+With fire_rate < 1, every sample's fire masks come from its own generator, seeded by the pool's
+per-sample seed (training) or by its held-out index (evaluation), so cutting a batch into
+micro-batches changes nothing but the order of float sums.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from kiln.config import Config, LatticeSection
 from kiln.data.dialogue import load_dialogue_pairs, split_pairs
 from kiln.data.embedding_cache import EmbeddingCache
 from kiln.data.text_encoders import build_encoder
-from kiln.errors import ConfigError, DataError
+from kiln.engine.precision import autocast
+from kiln.errors import DataError
 from kiln.jobs.lattice_pool import LatticePool
 from kiln.models.lattice import LatticeShape
 from kiln.models.lattice_adapter import AdaptedLattice, seed_state
@@ -61,10 +66,10 @@ def sample_losses(
     question: torch.Tensor,
     answer: torch.Tensor,
     state: torch.Tensor,
-    generator: torch.Generator | None,
+    generators: list[torch.Generator] | None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Per-sample loss components (each (B,)), the output (B, H*W) and the final state."""
-    output, final = model(question, state, generator=generator)
+    output, final = model(question, state, generators=generators)
     with torch.no_grad(), torch.autocast(question.device.type, enabled=False):
         target = model.surface(answer.float())  # fp32 targets, no gradient into the adapter
     output = output.float()
@@ -89,11 +94,6 @@ class LatticeJob:
         self.weights = {name: float(getattr(section.loss, name)) for name in COMPONENTS}
         shape = lattice_shape(section)
         samples = config.training.micro_batch_size * config.training.grad_accum_steps
-        if samples > section.pool_size:
-            raise ConfigError(
-                f"lattice.pool_size {section.pool_size} is smaller than a step's batch "
-                f"({samples} = training.micro_batch_size x grad_accum_steps); raise the pool"
-            )
         pairs = load_dialogue_pairs(section.dialogue_path)
         train, val = split_pairs(pairs, section.val_fraction, config.seed)
         if len(train) < samples:
@@ -138,10 +138,11 @@ class LatticeJob:
             f"cache {cache.stats.hits} hits / {cache.stats.misses} misses"
         )
 
-    def _generator(self, seed: int) -> torch.Generator | None:
+    def _generators(self, seeds: torch.Tensor) -> list[torch.Generator] | None:
+        """One fire-mask generator per sample (seeds (B,)); None when every cell always fires."""
         if self.config.lattice.fire_rate >= 1.0:
             return None
-        return torch.Generator(device=self.device).manual_seed(seed)
+        return [torch.Generator(device=self.device).manual_seed(s) for s in seeds.tolist()]
 
     def _weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(self.weights[name] * parts[name] for name in COMPONENTS)
@@ -151,9 +152,9 @@ class LatticeJob:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted loss of a micro-batch; its final states go back to the pool, detached."""
         pair = batch["pair"]
-        generator = self._generator(int(batch["seed"][0]))
+        generators = self._generators(batch["seed"])
         parts, _, final = sample_losses(
-            model, self.train_q[pair], self.train_a[pair], batch["state"], generator
+            model, self.train_q[pair], self.train_a[pair], batch["state"], generators
         )
         per_sample = self._weighted(parts)
         self.pool.write_back(batch["slot"], final, per_sample)
@@ -171,13 +172,14 @@ class LatticeJob:
         answer's target than to any other held-out answer's.
         """
         size = self.config.training.micro_batch_size
-        generator = self._generator(self.config.seed ^ EVAL_SEED_SALT)
+        base = self.config.seed ^ EVAL_SEED_SALT  # pair i's masks: seed base + i, every time
         sums = dict.fromkeys(COMPONENTS, 0.0)
         outputs = []
         for start in range(0, self.val_q.shape[0], size):
             q, a = self.val_q[start : start + size], self.val_a[start : start + size]
             state = self.seed_state.to(self.device).expand(q.shape[0], *self.seed_state.shape)
-            parts, output, _ = sample_losses(model, q, a, state, generator)
+            generators = self._generators(torch.arange(base + start, base + start + q.shape[0]))
+            parts, output, _ = sample_losses(model, q, a, state, generators)
             outputs.append(output)
             for name in COMPONENTS:
                 sums[name] += float(parts[name].sum())
@@ -195,10 +197,11 @@ class LatticeJob:
         }
 
     def final_report(self, model: nn.Module) -> str | None:
-        """The held-out results in one line."""
+        """The held-out results in one line, under the trainer's evaluation precision."""
         model.eval()
         try:
-            results = self.evaluate(model, final=True)
+            with autocast(self.config.precision, self.device):
+                results = self.evaluate(model, final=True)
         finally:
             model.train()
         return (

@@ -11,8 +11,11 @@ state that neighbours read, channels [C:] the cell's private memory. Inside a st
 (D, H, W, B, C + M), so that for every sharing mode the cells that share weights are contiguous
 rows and a view gives the (G, R, ...) layout the stacked cell wants (see ``lattice_cell``).
 
-Randomness (fire-rate masks) comes only from the ``generator`` argument: each step draws exactly one
-``torch.rand((B, D, H, W))`` when fire_rate < 1, and nothing otherwise.
+Randomness (fire-rate masks) comes only from the ``generators`` argument, one
+``torch.Generator`` per sample: when fire_rate < 1, each step draws one ``torch.rand((D, H, W))``
+from each sample's generator, in batch order, and nothing otherwise. A sample's masks thus depend
+on its own generator only, not on the other samples of its batch: a batch cut into micro-batches
+(gradient accumulation, an out-of-memory retry) gets the same masks.
 
 Shapes in comments: B batch, D depth, H height, W width, C state channels, M memory channels,
 K = C + M, G weight groups, R rows per group.
@@ -20,6 +23,7 @@ K = C + M, G weight groups, R rows per group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -267,21 +271,25 @@ class Lattice(nn.Module):
             new = new * (self._alive(s) & self._alive(new)).to(new.dtype)
         return new
 
-    def _fire_mask(self, s: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor | None:
+    def _fire_mask(
+        self, s: torch.Tensor, generators: Sequence[torch.Generator] | None
+    ) -> torch.Tensor | None:
         """One Bernoulli(fire_rate) draw per cell and sample, (D, H, W, B, 1); None at rate 1."""
         if self.shape.fire_rate >= 1.0:
             return None
-        if generator is None:
-            raise ValueError("fire_rate < 1 needs an explicit torch.Generator (generator=...)")
         d, h, w, b, _ = s.shape
-        u = torch.rand((b, d, h, w), generator=generator, device=s.device)
+        if generators is None or isinstance(generators, torch.Generator) or len(generators) != b:
+            raise ValueError(
+                f"fire_rate < 1 needs one torch.Generator per sample ({b}): generators=[...]"
+            )
+        u = torch.stack([torch.rand((d, h, w), generator=g, device=s.device) for g in generators])
         return (u < self.shape.fire_rate).to(s.dtype).permute(1, 2, 3, 0).unsqueeze(-1)
 
     def _run(
         self,
         s: torch.Tensor,
         steps: int,
-        generator: torch.Generator | None,
+        generators: Sequence[torch.Generator] | None,
         front: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Advance the internal-layout state; ``front`` (H, W, B, K) is added before every step."""
@@ -289,7 +297,7 @@ class Lattice(nn.Module):
             if front is not None:
                 s = torch.cat((s[:1] + front, s[1:]), dim=0)
             # The mask is drawn outside the checkpointed function so recomputation reuses it.
-            fire = self._fire_mask(s, generator)
+            fire = self._fire_mask(s, generators)
             if self.shape.checkpoint and torch.is_grad_enabled():
                 s = checkpoint(self._step, s, fire, use_reentrant=False)
             else:
@@ -297,21 +305,26 @@ class Lattice(nn.Module):
         return s
 
     def advance(
-        self, state: torch.Tensor, steps: int, *, generator: torch.Generator | None = None
+        self,
+        state: torch.Tensor,
+        steps: int,
+        *,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Run ``steps`` updates on a state (B, D, H, W, K) without input or output."""
         s = state.permute(1, 2, 3, 0, 4)  # (D, H, W, B, K)
-        return self._run(s, steps, generator).permute(3, 0, 1, 2, 4)
+        return self._run(s, steps, generators).permute(3, 0, 1, 2, 4)
 
     def forward(
         self,
         x: torch.Tensor,
         state: torch.Tensor | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> LatticeOutput:
         """Input (B, input_dim) [, state (B, D, H, W, K)] -> output (B, output_dim), final state.
 
+        ``generators``: one generator per sample, on the state's device (needed when fire_rate < 1).
         Without a state the lattice starts empty. A state carried over from an earlier call must be
         detached by the caller (truncated backprop), or the next backward walks the old graph again.
         """
@@ -321,7 +334,7 @@ class Lattice(nn.Module):
         front = self._front(x).to(s.dtype)  # (H, W, B, K)
         if self.shape.inject == "once":
             s = torch.cat((s[:1] + front, s[1:]), dim=0)
-            s = self._run(s, self.shape.num_steps, generator)
+            s = self._run(s, self.shape.num_steps, generators)
         else:
-            s = self._run(s, self.shape.num_steps, generator, front)
+            s = self._run(s, self.shape.num_steps, generators, front)
         return LatticeOutput(self._read(s[-1]), s.permute(3, 0, 1, 2, 4))

@@ -9,6 +9,8 @@ of values with about unit spread, the scale the cells were initialised for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -58,7 +60,7 @@ class AdaptedLattice(nn.Module):
         embedding: torch.Tensor,
         state: torch.Tensor | None = None,
         *,
-        generator: torch.Generator | None = None,
+        generators: Sequence[torch.Generator] | None = None,
     ) -> LatticeOutput:
         """Question embedding (B, E) [, state (B, D, H, W, K)] -> output (B, H*W), final state."""
-        return self.lattice(self.surface(embedding), state, generator=generator)
+        return self.lattice(self.surface(embedding), state, generators=generators)
