@@ -38,6 +38,9 @@ def test_packaged_pairs_match_their_generator() -> None:
         ('["q"]', "line 2: expected a JSON object with question, answer"),
         ('{"question": "q", "answer": 3}', "line 2: field 'answer' must be a non-empty string"),
         ('{"question": "q"}', "line 2: field 'answer' is missing"),
+        # Exactly the two fields, as the README says: extra ones are rejected, not ignored.
+        ('{"question": "q", "answer": "a", "id": 7}',
+         "line 2: field 'id' is not known; the fields are question, answer"),
         ('{"question": "q", "answer": "a", "topic": "x"}', "line 2: field 'topic' is not known"),
     ],
 )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
+from kiln.data import embedding_cache
 from kiln.data.embedding_cache import EmbeddingCache, embedding_key
 from kiln.data.text_encoders import HashedNgramEncoder
+from kiln.errors import DataError
 
 
 class CountingEncoder(HashedNgramEncoder):
@@ -64,3 +69,26 @@ def test_no_cache_dir_computes_every_time(tmp_path: Path) -> None:
     cache.embed(["a"])
     cache.embed(["a"])
     assert encoder.encoded == ["a", "a"]
+
+
+def test_a_cache_dir_that_is_a_file_is_a_data_error(tmp_path: Path) -> None:
+    root = tmp_path / "embeddings"
+    root.write_text("not a folder")
+    with pytest.raises(DataError) as err:
+        EmbeddingCache(CountingEncoder(4), root).embed(["a"])
+    message = str(err.value)
+    assert str(root) in message and "Not a directory" in message
+    assert "lattice.cache_dir" in message and "null" in message
+
+
+def test_a_full_disk_is_a_data_error_and_leaves_no_partial_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(embedding_cache.os, "replace", full)
+    with pytest.raises(DataError, match="No space left on device") as err:
+        EmbeddingCache(CountingEncoder(4), tmp_path).embed(["a"])
+    assert str(tmp_path) in str(err.value)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -63,6 +63,7 @@ def test_padding_adds_empty_cells() -> None:
     ("make", "fragments"),
     [
         (lambda d: d / "nope.png", ["does not exist", "RGBA PNG"]),
+        (lambda d: d, ["is a directory, not a PNG file"]),
         (lambda d: _text(d / "fake.png", "not an image"), ["is not a PNG file"]),
         (lambda d: _jpeg(d / "photo.png"), ["is not a PNG file"]),
         (lambda d: write_png(d / "rgb.png", np.full((8, 8, 3), 200), "RGB"),

@@ -3,11 +3,13 @@
 A text's key is the SHA-256 of the encoder's name and the text, so a cache folder can be shared
 by runs, configs and encoders: a changed text or encoder is a new key, never a stale hit. Files
 are renamed into place (no fsync: losing an entry only costs recomputing it); a file that cannot
-be read back is recomputed and rewritten.
+be read back is recomputed and rewritten. A cache that cannot be written (the folder is a file or
+read-only, the disk is full) is a DataError naming the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -20,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from kiln.data.text_encoders import TextEncoder
+from kiln.errors import DataError
 
 TENSOR_NAME = "embedding"
 
@@ -48,22 +51,31 @@ class EmbeddingCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def _read(self, key: str) -> torch.Tensor | None:
-        path = self._path(key)
-        if not path.is_file():
-            return None
         try:
-            vector = load_file(path)[TENSOR_NAME]
+            vector = load_file(self._path(key))[TENSOR_NAME]
         except (SafetensorError, KeyError, OSError):
-            return None  # a damaged entry is recomputed below
+            # Absent or damaged: recomputed below. An unusable folder is reported by the write.
+            return None
         return vector if vector.shape == (self.encoder.dim,) else None
 
     def _write(self, key: str, vector: torch.Tensor) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(save({TENSOR_NAME: vector.clone()}))
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(save({TENSOR_NAME: vector.clone()}))
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)  # a full disk must not also keep a partial entry
+                raise
+        except OSError as exc:
+            raise DataError(
+                f"cannot write the embedding cache in {self.root} ({exc.strerror or exc}); fix "
+                "lattice.cache_dir (a writable folder with free space) or set it to null"
+            ) from exc
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """(len(texts), dim) float32: cached vectors where present, the encoder's for the rest."""

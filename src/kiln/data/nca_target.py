@@ -34,6 +34,11 @@ def load_target(name: str, size: int) -> torch.Tensor:
     """
     path = target_path(name)
     where = f"nca.target {str(path)!r}"
+    if path.is_dir():
+        raise DataError(
+            f"{where} is a directory, not a PNG file; give the path of an RGBA PNG file or "
+            "'default'"
+        )
     if not path.is_file():
         raise DataError(f"{where} does not exist; give an RGBA PNG file or 'default'")
     with path.open("rb") as f:
