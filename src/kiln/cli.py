@@ -1,16 +1,20 @@
-"""The `kiln` command: parse, call a workflow, print. User errors exit 2 without a traceback."""
+"""The `kiln` command: parse, call a workflow, print. User errors (KilnError, a refused file
+operation) exit 2 without a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from kiln.errors import KilnError
+from kiln.errors import KilnError, RunError
 
 if TYPE_CHECKING:
     from kiln.hashtron.multitask import TaskReport
@@ -37,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     _nproc_option(p)
 
     p = sub.add_parser("runs", help="table of runs under a folder")
-    p.add_argument("root", type=Path, nargs="?", default=Path("experiments"))
+    p.add_argument("root", type=Path, nargs="?", help="folder of runs (default: experiments)")
 
     p = sub.add_parser("eval", help="evaluate a run's checkpoint: perplexity, compile, pass@k")
     p.add_argument("run_dir", type=Path)
@@ -62,8 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="text to continue")
     p.add_argument("--fim-prefix", help="code before the gap to fill (with --fim-suffix)")
     p.add_argument("--fim-suffix", help="code after the gap to fill (with --fim-prefix)")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help="tokens to generate, >= 1 (default: the run's sample section)")
+    p.add_argument("--temperature", type=_temperature, metavar="T",
+                   help="sampling temperature >= 0, 0 is greedy (default: as --max-new-tokens)")
     p.add_argument("--checkpoint", choices=["latest", "best"], default="latest")
 
     p = sub.add_parser("render", help="draw an nca run's growth: a PNG strip and a GIF")
@@ -99,7 +105,6 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so `kiln --help` stays fast and free of torch start-up.
     from kiln import workflows
     from kiln.config import load_config, packaged_config_names
-    from kiln.run import list_runs
 
     if args.command in (None, "train"):
         config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
@@ -107,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.command == "resume":
         return _report(workflows.resume(args.run_dir))
     elif args.command == "runs":
-        _print_runs(list_runs(args.root))
+        _runs(args.root)
     elif args.command == "eval":
         results = workflows.evaluate_run(
             args.run_dir, args.checkpoint, args.suite,
@@ -175,6 +180,31 @@ def _suites(text: str) -> list[str]:
     return names
 
 
+def _positive_int(text: str) -> int:
+    """Parse an integer >= 1 (argparse reports the error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    """Parse a sampling temperature: finite and >= 0, 0 meaning greedy (argparse reports the
+    error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan  # not a number: rejected below with the same message
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number >= 0 (0 is greedy), got {text!r}"
+        )
+    return value
+
+
 def _generate(args: argparse.Namespace, workflows: ModuleType) -> None:
     prefix, suffix = args.fim_prefix, args.fim_suffix
     fim_given = prefix is not None or suffix is not None
@@ -217,6 +247,24 @@ def _report(outcome: TrainOutcome) -> int:
     return 0
 
 
+def _runs(root: Path | None) -> None:
+    """Print the table of runs under ``root``; a root given that is no folder of runs is an
+    error (a typo would otherwise read as "no runs")."""
+    from kiln.run import SNAPSHOT, list_runs
+
+    if root is None:  # the default folder is missing until the first run creates it
+        root = Path("experiments")
+    elif (root / SNAPSHOT).is_file():
+        raise RunError(
+            f"{root} is itself a run; `kiln runs DIR` lists the runs under a folder, "
+            f"e.g. `kiln runs {root.parent}`"
+        )
+    elif not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise RunError(f"{root} {what}; give the folder that holds the runs (`run.root`)")
+    _print_runs(list_runs(root))
+
+
 def _print_runs(rows: list[dict]) -> None:
     if not rows:
         print("no runs found")
@@ -252,9 +300,32 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> None:
     launch.exec_torchrun(args.nproc, argv)
 
 
+# Errno values a user fixes, with the fix. An OSError with one of _BUG_ERRNOS means kiln misused
+# a file or a call, so it keeps its traceback.
+_OS_ERROR_HINTS = (
+    ({errno.ENOSPC, errno.EDQUOT, errno.EFBIG}, "free disk space or choose another folder"),
+    ({errno.EACCES, errno.EPERM, errno.EROFS}, "fix the permissions or choose another folder"),
+    ({errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}, "check the path in the config"),
+)
+_BUG_ERRNOS = {errno.EBADF, errno.EFAULT, errno.EINVAL, errno.ECHILD}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `kiln` command."""
     _report_native_crashes()
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed stdout shows here rather than at interpreter exit
+    except BrokenPipeError:
+        # The reader quit early (`kiln runs | head`): the Python docs' idiom (signal module
+        # notes) points stdout at devnull so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a shell reports for a tool stopped by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "nproc", None) is not None:
@@ -265,9 +336,27 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # not a user error: main ends the command quietly
+    except OSError as exc:
+        if args.debug or exc.errno in _BUG_ERRNOS:
+            raise
+        print(f"error: {_describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _describe_os_error(exc: OSError) -> str:
+    """One line: what the OS refused, on which file(s), and a fix where the errno suggests one."""
+    if exc.strerror is None:  # raised with a message only
+        return str(exc)
+    names = [os.fsdecode(n) if isinstance(n, bytes) else str(n)
+             for n in (exc.filename, exc.filename2) if n is not None]
+    text = exc.strerror + (f": {' -> '.join(names)}" if names else "")
+    hint = next((h for codes, h in _OS_ERROR_HINTS if exc.errno in codes), None)
+    return f"{text} ({hint})" if hint else text
 
 
 def _report_native_crashes() -> None:
