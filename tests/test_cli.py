@@ -110,6 +110,11 @@ def test_runs_of_a_run_folder_points_to_its_parent(
     assert f"kiln runs {run.parent}" in err
 
 
+def test_verify_takes_no_run_or_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["export", "--verify", str(tmp_path), "--to", str(tmp_path / "x")]) == 2
+    assert "takes no RUN_DIR and no --to" in capsys.readouterr().err
+
+
 def test_runs_before_any_run_in_the_default_folder_finds_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

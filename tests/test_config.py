@@ -253,6 +253,13 @@ def test_invalid_yaml(tmp_path: Path) -> None:
         load_config(str(bad))
 
 
+def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  n_layers: 2\ntraining:\n  max_steps: 3\nmodel:\n  n_layers: 4\n")
+    with pytest.raises(ConfigError, match=r"key 'model' appears twice(.|\n)*line 5"):
+        load_config(str(twice))
+
+
 def test_top_level_must_be_mapping(tmp_path: Path) -> None:
     bad = tmp_path / "list.yaml"
     bad.write_text("- 1\n- 2\n")

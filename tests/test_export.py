@@ -123,8 +123,11 @@ def test_extra_and_missing_files_are_named(out):
 
 
 def test_missing_or_malformed_checksum_file(out):
-    with pytest.raises(ExportError, match="SHA256SUMS"):
+    with pytest.raises(ExportError, match="nothing-here does not exist"):
         verify_bundle(out / "nothing-here")
+    (out / "empty").mkdir()
+    with pytest.raises(ExportError, match="SHA256SUMS"):
+        verify_bundle(out / "empty")
     bundle = export(out / "bundle")
     unlock(bundle / "SHA256SUMS")
     (bundle / "SHA256SUMS").write_text("0" * 64 + "  ../etc/passwd\n")

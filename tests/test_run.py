@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 from kiln import workflows
 from kiln.config import Config
 from kiln.errors import RunError
-from kiln.run import LOCK, Run
+from kiln.run import LOCK, SNAPSHOT, Run, list_runs
 
 HOLD_THE_LOCK = """
 import sys, time
@@ -60,3 +62,15 @@ def test_a_killed_trainer_leaves_the_run_resumable(smoke_config: Callable[..., C
         except RunError:
             assert time.monotonic() < deadline, "the lock outlived its process"
             time.sleep(0.05)
+
+
+def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
+    """metrics.json is written when a run ends; before that the table reads metrics.jsonl."""
+    run = tmp_path / "lm-1"
+    run.mkdir()
+    (run / SNAPSHOT).write_text("job: lm\n")
+    (run / "status").write_text("running\n")
+    rows = [{"step": 4, "loss": 3.5}, {"step": 5, "val_loss": 3.2}, {"step": 5, "loss": 3.25}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (listed,) = list_runs(tmp_path)
+    assert (listed["status"], listed["step"], listed["loss"]) == ("running", 5, 3.25)

@@ -152,6 +152,8 @@ def _export(args: argparse.Namespace, workflows: ModuleType) -> None:
     from kiln.export import verify_bundle
 
     if args.verify:
+        if args.run_dir is not None or args.to is not None:
+            raise KilnError("`kiln export --verify DIR` takes no RUN_DIR and no --to")
         names = verify_bundle(args.verify)
         print(f"OK: {len(names)} files verified in {args.verify}")
         return

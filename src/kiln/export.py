@@ -104,6 +104,9 @@ def verify_bundle(dir: Path) -> list[str]:
     """
     bundle = Path(dir)
     sums_path = bundle / SUMS_FILE
+    if not bundle.is_dir():
+        what = "is not a folder" if bundle.exists() else "does not exist"
+        raise ExportError(f"{bundle} {what}; give the folder `kiln export --to` wrote")
     try:
         lines = sums_path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:

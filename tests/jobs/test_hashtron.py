@@ -274,12 +274,19 @@ def test_multi_task_command_trains_and_reports_each_task() -> None:
 
 
 def test_multi_task_command_exits_2_when_a_task_fails() -> None:
-    proc = _kiln("hashtron-tasks", "--tasks", "isalnum,nosuch,isdigit",
+    # csv without its options.path fails when loaded; the tasks around it still run
+    proc = _kiln("hashtron-tasks", "--tasks", "isalnum,csv,isdigit",
                  "--set", "hashtron.pipeline.epochs=1")
     assert proc.returncode == 2
     assert "| isalnum | yes |" in proc.stdout and "| isdigit | yes |" in proc.stdout
-    assert "| nosuch | NO: " in proc.stdout
-    assert "error: task nosuch failed: hashtron.task.name" in proc.stderr
+    assert "| csv | NO: " in proc.stdout
+    assert "error: task csv failed: hashtron.task.options.path" in proc.stderr
+
+
+def test_multi_task_command_refuses_an_unknown_task_before_training_any() -> None:
+    proc = _kiln("hashtron-tasks", "--tasks", "isalnum,nosuch")
+    assert proc.returncode == 2 and "task isalnum" not in proc.stderr
+    assert "unknown hashtron task(s) nosuch; the tasks are: " in proc.stderr
 
 
 # ---------------------------------------------------------------------- kill and resume
