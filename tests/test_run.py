@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from kiln import workflows
-from kiln.config import Config
+from kiln.config import Config, resolve_config
 from kiln.errors import RunError
-from kiln.run import LOCK, SNAPSHOT, Run, list_runs
+from kiln.fsio import sha256_file
+from kiln.run import INPUTS, LOCK, SNAPSHOT, Run, list_runs
 
 HOLD_THE_LOCK = """
 import sys, time
@@ -74,3 +75,22 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (listed,) = list_runs(tmp_path)
     assert (listed["status"], listed["step"], listed["loss"]) == ("running", 5, 3.25)
+
+
+def test_resume_refuses_input_files_that_changed_since_the_start(
+    tmp_path: Path, smoke_config: Callable[..., Config]
+) -> None:
+    cot = tmp_path / "cot.jsonl"
+    packaged = Path(__file__).parents[1] / "src/kiln/data/examples/cot_python.jsonl"
+    cot.write_bytes(packaged.read_bytes())
+    run = Run.create(resolve_config(smoke_config(f"objectives.cot.path={cot}")), echo=False)
+    run.set_status("interrupted")
+    run.close()
+    assert json.loads((run.path / INPUTS).read_text()) == {"objectives.cot.path": sha256_file(cot)}
+    Run.open(run.path, echo=False).check_inputs()  # unchanged: fine
+    cot.write_bytes(cot.read_bytes() + b"\n")
+    with pytest.raises(RunError, match=rf"objectives.cot.path \({cot}\) has changed since run"):
+        workflows.resume(run.path, echo=False)
+    cot.unlink()
+    with pytest.raises(RunError, match="is gone since run"):
+        Run.open(run.path, echo=False).check_inputs()

@@ -939,11 +939,8 @@ def resolve_config(config: Config) -> Config:
     """Pin what 'auto' and the current folder leave open, so the snapshot records it: the thread
     count, the device, and every relative file path (made absolute)."""
     resolved = config.model_copy(deep=True)
-    _absolute_paths(resolved)
-    options = resolved.hashtron.task.options
-    for key in ("path", "root"):  # the csv/jsonl file and the MNIST folder
-        if isinstance(options.get(key), str):
-            options[key] = _absolute(options[key])
+    for setting in path_settings(resolved):
+        setting.set(_absolute(setting.value))
     if resolved.hardware.threads == "auto":
         resolved.hardware.threads = os.cpu_count() or 1
     if resolved.hardware.device == "auto":
@@ -958,19 +955,48 @@ def _absolute(path: str) -> str:
     return path if os.path.isabs(os.path.expanduser(path)) else os.path.abspath(path)
 
 
-def _absolute_paths(section: BaseModel) -> None:
-    """Make every relative ``FilePath`` field of ``section`` and its subsections absolute."""
+@dataclasses.dataclass(frozen=True)
+class PathSetting:
+    """One file-system path a config names: its key path, its value, and how to change it."""
+
+    key: str
+    value: str
+    set: typing.Callable[[str], None]
+
+
+def path_settings(config: Config) -> list[PathSetting]:
+    """Every path the config names: ``FilePath`` fields holding a path (not a packaged name, not
+    null) in the sections the run uses, and the hashtron task's ``path``/``root`` options."""
+    found: list[PathSetting] = []
+    others = {name for name in JOB_SECTIONS if name != config.job}
+    _collect_paths(config, "", others, found)
+    options = config.hashtron.task.options
+    if config.job == "hashtron":
+        for key in ("path", "root"):  # the csv/jsonl file and the MNIST folder
+            if isinstance(options.get(key), str):
+                found.append(PathSetting(f"hashtron.task.options.{key}", options[key],
+                                         lambda v, k=key: options.__setitem__(k, v)))
+    return found
+
+
+def _collect_paths(
+    section: BaseModel, prefix: str, skip: set[str], found: list[PathSetting]
+) -> None:
     for name, field in type(section).model_fields.items():
-        value = getattr(section, name)
+        if name in skip:
+            continue
+        value, key = getattr(section, name), f"{prefix}{name}"
         # pydantic keeps a plain Annotated field's marks in field.metadata, a union's in its type
         marks = [
             m for m in (*field.metadata, *_metadata(field.annotation)) if isinstance(m, FilePath)
         ]
         if marks and isinstance(value, str) and value not in marks[0].keywords:
-            setattr(section, name, _absolute(value))
-        for child in value if isinstance(value, list) else [value]:
+            found.append(PathSetting(key, value, lambda v, o=section, n=name: setattr(o, n, v)))
+        children = value if isinstance(value, list) else [value]
+        for index, child in enumerate(children):
             if isinstance(child, BaseModel):
-                _absolute_paths(child)
+                where = f"{key}.{index}." if isinstance(value, list) else f"{key}."
+                _collect_paths(child, where, set(), found)
 
 
 def _metadata(annotation: Any) -> list[Any]:

@@ -4,6 +4,7 @@
       config_snapshot.yaml   the full resolved config
       status                 running | completed | failed | interrupted
       lock                   held by the process training the run (its pid inside)
+      inputs.json            SHA-256 of each input file the config names (checked on resume)
       train.log              human-readable log
       metrics.jsonl          one JSON object per logged step
       metrics.json           summary: final and best values, steps, tokens, wall time
@@ -25,13 +26,14 @@ from typing import Any, Literal
 
 import yaml
 
-from kiln.config import Config, validate_config
+from kiln.config import Config, path_settings, validate_config
 from kiln.errors import RunError
-from kiln.fsio import atomic_write
+from kiln.fsio import atomic_write, sha256_file
 
 Status = Literal["running", "completed", "failed", "interrupted"]
 SNAPSHOT = "config_snapshot.yaml"
 LOCK = "lock"
+INPUTS = "inputs.json"
 
 
 def new_run_id(config: Config) -> str:
@@ -72,6 +74,7 @@ class Run:
                 continue
         (path / "checkpoints").mkdir()
         atomic_write(path / SNAPSHOT, config.to_yaml())
+        atomic_write(path / INPUTS, json.dumps(input_hashes(config), indent=2, sort_keys=True))
         run = cls(path, config, echo=echo)
         run.claim()
         run.set_status("running")
@@ -113,6 +116,26 @@ class Run:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
+
+    def check_inputs(self) -> None:
+        """Refuse to resume on input files that changed since the run started: the run would go
+        on training on other data without a word. Runs from before inputs.json are not checked.
+        """
+        try:
+            recorded = json.loads((self.path / INPUTS).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunError(f"cannot read {self.path / INPUTS} ({exc})") from None
+        now = input_hashes(self.config)
+        for key, digest in sorted(recorded.items()):
+            if now.get(key) != digest:
+                what = "is gone" if key not in now else "has changed"
+                raise RunError(
+                    f"{key} ({_path_of(self.config, key)}) {what} since run {self.id} started, "
+                    "so resuming would train on other data; put the original file back, or "
+                    "start a new run"
+                )
 
     def status(self) -> str:
         """The status word, or 'unknown' if the file is missing."""
@@ -158,6 +181,21 @@ class Run:
         if self._lock is not None:
             os.close(self._lock)  # releases the flock
             self._lock = None
+
+
+def input_hashes(config: Config) -> dict[str, str]:
+    """SHA-256 of every file (not folder) the config names, by key path: the data a run reads
+    from outside Kiln (dialogue pairs, an NCA target, CoT records, a hashtron data file)."""
+    hashes = {}
+    for setting in path_settings(config):
+        path = Path(setting.value).expanduser()
+        if path.is_file():
+            hashes[setting.key] = sha256_file(path)
+    return hashes
+
+
+def _path_of(config: Config, key: str) -> str:
+    return next((s.value for s in path_settings(config) if s.key == key), "?")
 
 
 def write_eval(run_dir: Path, step: int, results: dict[str, Any]) -> Path:

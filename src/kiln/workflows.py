@@ -122,6 +122,7 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
         run.claim()
         if run.status() == "completed":
             raise RunError(f"run {run.path} is already completed; nothing to resume")
+        run.check_inputs()
     except RunError:
         run.close()
         raise

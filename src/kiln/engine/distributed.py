@@ -335,6 +335,9 @@ class FollowerRun(Run):
     def claim(self) -> None:
         pass  # rank 0 holds the run's lock for the whole job
 
+    def check_inputs(self) -> None:
+        pass  # rank 0 checks them
+
     def log(self, message: str, *, echo: bool = True) -> None:
         pass
 
