@@ -15,7 +15,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,12 +89,14 @@ def save_checkpoint(
         }
         atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
         _publish(tmp, final)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
+        # SafetensorError: how save_file reports the I/O errors of its write (a full disk).
         shutil.rmtree(tmp, ignore_errors=True)
         tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         size_mb = (tensor_bytes + len(skeleton_text)) / 1e6
+        reason = getattr(exc, "strerror", None) or exc
         raise CheckpointError(
-            f"could not write the checkpoint for step {step} to {final}: {exc.strerror or exc} "
+            f"could not write the checkpoint for step {step} to {final}: {reason} "
             f"(about {size_mb:.1f} MB were being written; {_free_space(ckpt_root)}). "
             "Free disk space or fix the folder's permissions, then resume: earlier checkpoints "
             "are untouched."
@@ -167,6 +169,38 @@ def load_checkpoint(path: Path) -> tuple[Any, dict]:
             "probably written by an incompatible kiln version. Resume from another checkpoint."
         ) from exc
     return state, _read_manifest(path)["meta"]
+
+
+def check_shapes(
+    path: Path, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+) -> None:
+    """Raise ``CheckpointError`` unless the checkpoint at ``path`` holds the model's tensors.
+
+    Both map tensor names to shapes: ``expected`` the model's, ``found`` the checkpoint's. A
+    mismatch means the checkpoint was written for another model config (an edited snapshot).
+    """
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    resized = [
+        f"{name} {list(found[name])} vs {list(shape)}"
+        for name, shape in expected.items()
+        if name in found and tuple(found[name]) != tuple(shape)
+    ]
+    problems = [
+        f"{what} {_first(names)}"
+        for what, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches, checkpoint vs model:", resized),
+        )
+        if names
+    ]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} was written for a different model config ({'; '.join(problems)}). "
+            "Restore the model settings of the run's config_snapshot.yaml, or start a new run "
+            "with the new ones."
+        )
 
 
 def load_latest_valid(
@@ -303,6 +337,12 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def _first(items: list[str], shown: int = 3) -> str:
+    """The first ``shown`` items and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
 
 
 def _free_space(path: Path) -> str:

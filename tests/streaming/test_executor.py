@@ -3,7 +3,10 @@ per-step metrics, memory, and crash safety (failures and SIGKILL mid-step, then 
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +19,7 @@ import torch
 
 from kiln import workflows
 from kiln.config import Config
-from kiln.errors import ConfigError
+from kiln.errors import CheckpointError, ConfigError
 from kiln.jobs.lm import prepare_data
 from kiln.run import read_metrics
 from kiln.streaming import store as store_module
@@ -115,12 +118,14 @@ def test_a_failure_mid_step_leaves_the_last_commit_and_resume_redoes_the_step(
         writes[0] += 1
         if ".v00000004." in path.name and writes[0] % 3 == 0:  # step 4, after some writes
             path.with_name(path.name + ".tmp").write_bytes(b"torn")
-            raise OSError("disk went away")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_write(path, tensors, **options)
 
     monkeypatch.setattr(store_module, "write_part", failing_write)
     config = smoke_config(*common)
-    with pytest.raises(OSError, match="disk went away"):
+    # A full disk is the user's to fix: Kiln's error, saying what, where and what to do.
+    with pytest.raises(CheckpointError, match=rf"cannot write chunk file .*\.v00000004\..*: "
+                       rf"{os.strerror(errno.ENOSPC)}\. Free disk space.*then resume"):
         workflows.train(config, echo=False)
     (run,) = [p for p in Path(config.run.root).iterdir() if p != straight]
     root = store_root(config, run)
@@ -130,6 +135,51 @@ def test_a_failure_mid_step_leaves_the_last_commit_and_resume_redoes_the_step(
     workflows.resume(run, echo=False)
     assert _export(straight, tmp_path) == _export(run, tmp_path)
     assert [r["step"] for r in _rows(run)] == [r["step"] for r in _rows(straight)]
+
+
+def test_a_store_dir_that_cannot_be_created_is_a_config_error(
+    smoke_config: ConfigFactory, tmp_path: Path
+) -> None:
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    config = smoke_config(*STREAM, f"strategy.store_dir={taken}")
+    with pytest.raises(ConfigError, match=rf"strategy.store_dir: cannot create the chunk store "
+                       rf"folder {re.escape(str(taken))}/\S+ \(Not a directory\)\. Fix "
+                       "strategy.store_dir"):
+        workflows.train(config, echo=False)
+    assert taken.read_text() == "not a folder"
+
+
+def test_a_streamed_evaluation_sees_the_step_it_follows(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = ("training.max_steps=2", "eval.every_steps=1", "strategy.memory_budget=5200000")
+    memory = workflows.train(smoke_config(*common), echo=False).run_dir
+    real_write = store_module.write_part
+
+    def slow_write(path: Path, tensors: dict, **options: object) -> object:
+        time.sleep(0.2)  # the step's writes are still on their way when the evaluation starts
+        return real_write(path, tensors, **options)
+
+    monkeypatch.setattr(store_module, "write_part", slow_write)
+    streamed = workflows.train(smoke_config(*common, *STREAM), echo=False).run_dir
+    evals = [[(r["step"], r["val_loss"]) for r in read_metrics(run) if r.get("event") == "eval"]
+             for run in (memory, streamed)]
+    assert evals[0] == evals[1] and [step for step, _ in evals[0]] == [1, 2]
+
+
+def test_a_store_written_for_another_model_size_is_refused_on_resume(
+    smoke_config: ConfigFactory,
+) -> None:
+    config = smoke_config(*STREAM, "training.max_steps=2", "eval.every_steps=0")
+    run = workflows.train(config, echo=False).run_dir
+    snapshot = run / "config_snapshot.yaml"
+    snapshot.write_text(snapshot.read_text().replace("d_model: 64", "d_model: 32"))
+    (run / "status").write_text("interrupted\n")
+    with pytest.raises(CheckpointError, match=rf"checkpoint {store_root(config, run) / MANIFEST} "
+                       r"was written for a different model config \(shape mismatches, "
+                       r"checkpoint vs model: tok_emb.weight \[512, 64\] vs \[512, 32\]"):
+        workflows.resume(run, echo=False)
 
 
 def _kiln(*args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -148,6 +153,62 @@ def test_commit_replaces_the_manifest_then_retires_unnamed_files(tmp_path: Path)
     assert json.loads((tmp_path / MANIFEST).read_text())["step"] == 2
     store.commit(_manifest([new]) | {"step": 3})  # no write took the spare: it is deleted
     assert _names(tmp_path) == sorted([MANIFEST, new.file])
+
+
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import resource
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from kiln.errors import CheckpointError
+    from kiln.streaming.store import ChunkStore, record_dict
+
+    store = ChunkStore(Path(sys.argv[1]), direct=sys.argv[2] == "direct")
+    old = store.write(0, "a", "w", 1, {"w": torch.zeros(10)})
+    store.commit({"step": 1, "chunks": [{"name": "a", "parts": {"w": record_dict(old)}}]})
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.RLIM_INFINITY))  # a full disk
+    try:
+        store.write(0, "a", "w", 2, {"w": torch.zeros(1_000_000)})
+    except CheckpointError as exc:
+        print(exc)
+    """
+)
+
+
+@pytest.mark.parametrize("direct", ["direct", "buffered"])
+def test_a_write_the_disk_refuses_raises_checkpoint_error_and_commits_nothing(
+    tmp_path: Path, direct: str
+) -> None:
+    child = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(tmp_path), direct],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == 0 and "Traceback" not in child.stderr, child.stderr
+    message = child.stdout.strip()
+    assert message.startswith(f"cannot write chunk file {tmp_path / 'c0000-a.w.v00000002'}")
+    assert os.strerror(errno.EFBIG) in message
+    assert "Free disk space, or fix strategy.store_dir" in message
+    manifest = ChunkStore(tmp_path).load_manifest()
+    assert manifest["step"] == 1 and manifest["chunks"][0]["parts"]["w"]["version"] == 1
+
+
+def test_a_manifest_write_the_disk_refuses_raises_checkpoint_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ChunkStore(tmp_path)
+    old = store.write(0, "a", "w", 1, _tensors())
+    store.commit(_manifest([old]) | {"step": 1})
+    new = store.write(0, "a", "w", 2, _tensors())
+
+    def full_disk(path: Path, data: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store_module, "atomic_write", full_disk)
+    with pytest.raises(CheckpointError, match=rf"cannot write the stream manifest .*{MANIFEST}: "
+                       rf"{os.strerror(errno.ENOSPC)}\. Free disk space"):
+        store.commit(_manifest([new]) | {"step": 2})
+    assert store.load_manifest()["step"] == 1 and (tmp_path / old.file).is_file()
 
 
 @pytest.mark.parametrize("direct_supported", [True, False], ids=["o_direct", "refused"])

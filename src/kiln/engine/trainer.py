@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kiln.checkpoint import apply_retention, checkpoint_due
+from kiln.checkpoint import apply_retention, check_shapes, checkpoint_due
 from kiln.config import Config
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
@@ -120,8 +120,12 @@ class Trainer:
             self.run.checkpoints, self.run.log, self.model, self.optimizer
         )
         if found is None:
+            # Killed before its first checkpoint: every step logged so far runs again.
+            self.run.truncate_metrics_after(0)
             return False
         info, state = found
+        if "model" in state:  # a streamed run's weights are in its store, checked there
+            check_shapes(info.path, _shapes(self.model.state_dict()), _shapes(state["model"]))
         self.load_state_dict(state)
         self.run.truncate_metrics_after(self.progress.step)
         self.run.log(f"resumed from {info.path.name} (step {self.progress.step})")
@@ -186,13 +190,17 @@ class Trainer:
                     self.progress.wall_time = time.monotonic() - started
 
                     step = self.progress.step
+                    final = step == cfg.training.max_steps
                     display.update(step, result.loss, tokens / elapsed)
-                    if step % cfg.logging.every_steps == 0 or step == cfg.training.max_steps:
+                    if step % cfg.logging.every_steps == 0 or final:
                         self._log_step(result, tokens / elapsed, echo=not display.active)
-                    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                    # The final evaluation comes before the final checkpoint, which records it.
+                    if final or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0):
                         self.evaluate()
-                    if self._checkpoint_due(step):
+                    if final or self._checkpoint_due(step):
                         self.save()
+            # No step ran here (resumed at max_steps): make sure the last step is evaluated and
+            # its checkpoint records it.
             if self.progress.last_val.get("step") != self.progress.step:
                 self.evaluate()
             if self._saved_step != self.progress.step:
@@ -357,3 +365,8 @@ class Trainer:
             f"lr {row['lr']:.3g} grad_norm {result.grad_norm:.3g} {tokens_per_sec:,.0f} tok/s"
         )
         self.run.log(line, echo=echo)
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of a model state dict."""
+    return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}

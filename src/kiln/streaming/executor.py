@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiln.checkpoint import check_shapes
 from kiln.config import Config
 from kiln.engine.allocator import map_large_allocations, release_free_memory
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
@@ -51,7 +52,7 @@ from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
 from kiln.streaming.memory import current_rss, peak_rss, reset_peak
-from kiln.streaming.store import ChunkStore
+from kiln.streaming.store import MANIFEST, ChunkStore
 from kiln.streaming.versions import STATE, WEIGHTS, ChunkVersions
 
 # Bytes of optimizer state per byte of weight, for the budget check.
@@ -148,9 +149,16 @@ class StreamedTraining:
         self.device = device
         self.log = log
         self.plan = build_plan(job.model)
-        self.store = ChunkStore(
-            store_root(config, run_dir), direct=config.strategy.direct_io
-        )
+        root = store_root(config, run_dir)
+        try:
+            self.store = ChunkStore(root, direct=config.strategy.direct_io)
+        except OSError as exc:
+            raise ConfigError(
+                f"strategy.store_dir: cannot create the chunk store folder {root} "
+                f"({exc.strerror or exc}). Fix strategy.store_dir (now "
+                f"{config.strategy.store_dir!r}; empty: inside the run directory) to name a "
+                "folder Kiln can create and write to, or free disk space."
+            ) from None
         self.budget = resolve_budget(config.strategy.memory_budget, device)
         self.stats = IOStats()
         self.versions = ChunkVersions(self.store, self.plan)
@@ -183,6 +191,14 @@ class StreamedTraining:
         """The trainer state of the last commit (chunks verified), or None before the first."""
         state = self.versions.resume()
         if state is not None:
+            # The chunk names matched; an edited model size can still change their tensors.
+            found: dict[str, tuple[int, ...]] = {}
+            for j in range(len(self.plan.chunks)):
+                record = self.versions.record(j, WEIGHTS)
+                assert record is not None  # every chunk has weights from version 0 on
+                found |= self.store.shapes(record)
+            expected = {name: tuple(shape) for name, shape in self.plan.shapes.items()}
+            check_shapes(self.store.root / MANIFEST, expected, found)
             self._release_model()
         return state
 
@@ -208,6 +224,8 @@ class StreamedTraining:
             return
         self.versions.flush()
         for j in range(len(self.plan.chunks)):
+            if self.cache is not None:  # this step's version may still be on its way to disk
+                self.cache.wait_write((j, WEIGHTS))
             tensors = self.store.read(self.versions.record(j, WEIGHTS))  # type: ignore[arg-type]
             for name in self.plan.owned[j]:
                 self.plan.params[name].data = tensors[name].to(self.device, copy=True)

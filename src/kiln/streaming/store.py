@@ -291,12 +291,12 @@ class ChunkStore:
     def write(
         self, chunk: int, name: str, part: str, version: int, tensors: dict[str, torch.Tensor]
     ) -> PartRecord:
-        return write_part(
-            self.part_path(chunk, name, part, version),
-            tensors,
-            direct=self.direct,
-            spare=self._take_spare,
-        )
+        """Write a new version of a chunk part; ``CheckpointError`` if the disk refuses it."""
+        path = self.part_path(chunk, name, part, version)
+        try:
+            return write_part(path, tensors, direct=self.direct, spare=self._take_spare)
+        except OSError as exc:
+            raise _write_error(f"chunk file {path}", exc) from exc
 
     def _take_spare(self, nbytes: int) -> Path | None:
         with self._lock:
@@ -307,6 +307,13 @@ class ChunkStore:
         self, record: PartRecord, into: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         return read_part(self.root / record.file, record, direct=self.direct, into=into)
+
+    def shapes(self, record: PartRecord) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor of a part, from its file's header (the data is not read)."""
+        with open(self.root / record.file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        return {name: tuple(spec["shape"]) for name, spec in header.items()}
 
     def load_manifest(self) -> dict[str, Any] | None:
         """The committed manifest, or None before the first commit."""
@@ -340,9 +347,12 @@ class ChunkStore:
         (renamed, not synced: a spare's name and content never matter); spares that the step
         since the last commit did not take are deleted.
         """
-        fsync_path(self.root)  # the renames of this step's part files reach disk first
-        atomic_write(self.root / MANIFEST, json.dumps({"format_version": FORMAT_VERSION,
-                                                       **manifest}))
+        try:
+            fsync_path(self.root)  # the renames of this step's part files reach disk first
+            atomic_write(self.root / MANIFEST, json.dumps({"format_version": FORMAT_VERSION,
+                                                           **manifest}))
+        except OSError as exc:
+            raise _write_error(f"the stream manifest {self.root / MANIFEST}", exc) from exc
         self._forget_spares()  # the step's writes are done: what they did not take goes
         spares: dict[int, list[Path]] = {}
         for path in self._unnamed(manifest):
@@ -386,6 +396,15 @@ class ChunkStore:
                     f"chunk file {path} named by the manifest is missing: the store is damaged."
                 )
             self.read(record)
+
+
+def _write_error(what: str, exc: OSError) -> CheckpointError:
+    """The error for a write the disk refused (what was committed is untouched)."""
+    return CheckpointError(
+        f"cannot write {what}: {exc.strerror or exc}. Free disk space, or fix strategy.store_dir "
+        "to name a folder on a disk with room that Kiln can write to, then resume: what was "
+        "committed is intact."
+    )
 
 
 def record_dict(record: PartRecord | None) -> dict[str, Any] | None:
