@@ -116,6 +116,17 @@ def test_export_skips_a_corrupt_latest_checkpoint_and_says_so(
     assert "skipping checkpoint step 30" in capsys.readouterr().err
 
 
+def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
+    smoke_config: ConfigFactory, tmp_path: Path
+) -> None:
+    run = workflows.train(smoke_config("eval.every_steps=0"), echo=False).run_dir
+    shutil.rmtree(run / "checkpoints" / "step_00000030")  # the final one, the only one evaluated
+    bundle = tmp_path / "bundle"
+    workflows.export_run(run, bundle, "best")
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert (metadata["step"], metadata["selected_by"], metadata["val_loss"]) == (20, "latest", None)
+
+
 def test_time_based_checkpoints(smoke_config: ConfigFactory) -> None:
     run = workflows.train(
         smoke_config("checkpoint.every_steps=0", "checkpoint.every_minutes=0.000001",

@@ -343,6 +343,8 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         raise RunError(f"{run_dir} is not a kiln run directory ({SNAPSHOT} is missing)")
     info, state = load_chosen_checkpoint(run_dir, which)
     summary = read_summary(run_dir)
+    if which == "best" and info.meta.get("val_loss") is None:
+        which = "latest"  # no checkpoint was evaluated: say what was exported, not what was asked
     metadata = {
         "kiln_version": kiln.__version__,
         "torch_version": torch.__version__,
