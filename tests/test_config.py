@@ -226,6 +226,19 @@ def test_unknown_override_key_lists_valid_keys() -> None:
     assert "training.max_stesp" in message and "max_steps" in message
 
 
+def test_an_override_inside_a_list_says_to_set_the_list_whole() -> None:
+    with pytest.raises(ConfigError, match=r"data.sources is a list; an override sets it whole"):
+        load_config("default", ["data.sources.0.root=/x"])
+    sources = load_config("default", ["data.sources=[{root: /x}]"]).data.sources
+    assert [s.root for s in sources] == ["/x"]
+    with pytest.raises(ConfigError, match=r"hashtron.layers is a list"):
+        load_config("hashtron", ["hashtron.layers.0.width=3"])
+    with pytest.raises(ConfigError, match=r"model.n_layers is a single value, it has no keys"):
+        load_config("default", ["model.n_layers.x=3"])
+    options = load_config("hashtron", ["hashtron.task.options.n=64"]).hashtron.task.options
+    assert options["n"] == 64  # a free-form mapping takes keys
+
+
 def test_override_without_equals_sign() -> None:
     with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_overrides({}, ["training.max_steps"])

@@ -73,6 +73,15 @@ def _takes_a_bool(annotation: Any) -> bool:
     return any(_takes_a_bool(arg) for arg in typing.get_args(annotation))
 
 
+def _kinds(annotation: Any) -> set[Any]:
+    """The container types (list, dict, ...) a field's type is or admits, through unions."""
+    origin = typing.get_origin(annotation)
+    found = {origin} if origin is not None else set()
+    for arg in typing.get_args(annotation):
+        found |= _kinds(arg)
+    return found
+
+
 def _takes_a_number(annotation: Any) -> bool:
     if annotation in (int, float):
         return True
@@ -886,11 +895,17 @@ def _check_known_path(parts: list[str], item: str) -> None:
                 f"valid keys at {where}: {', '.join(fields)}"
             )
         annotation = fields[part].annotation
-        model = (
-            annotation
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel)
-            else None
-        )
+        section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        mapping = annotation is dict or typing.get_origin(annotation) is dict  # free-form keys
+        if depth + 1 < len(parts) and not (section or mapping):
+            key = ".".join(parts[: depth + 1])
+            if _kinds(annotation) & {list}:
+                raise ConfigError(
+                    f"override {item!r}: {key} is a list; an override sets it whole, e.g. "
+                    f"--set '{key}=[...]' (YAML flow style)"
+                )
+            raise ConfigError(f"override {item!r}: {key} is a single value, it has no keys")
+        model = annotation if section else None
 
 
 def validate_config(raw: dict[str, Any]) -> Config:
