@@ -20,7 +20,7 @@ import torch
 from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
-from kiln.engine.trainer import OutOfMemoryExit
+from kiln.engine.trainer import OutOfMemoryExit, Trainer
 from kiln.errors import RunError
 from kiln.run import read_metrics
 
@@ -286,6 +286,23 @@ def test_sigint_checkpoints_marks_interrupted_and_resumes(
     tmp_path: Path, shard_cache: Path
 ) -> None:
     _kill_and_resume(tmp_path, shard_cache, 7, signal.SIGINT)
+
+
+def test_an_abrupt_interrupt_still_logs_how_to_resume(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second Ctrl-C raises KeyboardInterrupt at once; the run still says how to continue."""
+
+    def second_ctrl_c(self: Trainer) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "evaluate", second_ctrl_c)
+    cfg = smoke_config("training.max_steps=10", "eval.every_steps=5")
+    with pytest.raises(KeyboardInterrupt):
+        workflows.train(cfg, echo=False)
+    (run,) = Path(cfg.run.root).iterdir()
+    assert (run / "status").read_text().strip() == "interrupted"
+    assert f"continue with: kiln resume {run}" in (run / "train.log").read_text()
 
 
 def test_cli_runs_eval_generate_export(smoke_config: ConfigFactory, tmp_path: Path) -> None:

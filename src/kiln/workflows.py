@@ -150,6 +150,8 @@ def _train_in(
         if run.status() == "running":
             run.set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         run.log(f"run ended: {type(exc).__name__}: {exc}")
+        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the CLI cannot say where
+            run.log(f"continue with: kiln resume {run.path}")
         raise
     finally:
         run.close()
