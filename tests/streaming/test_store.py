@@ -134,6 +134,13 @@ def test_a_manifest_without_a_format_version_is_refused_as_foreign(
         ChunkStore(tmp_path).load_manifest()
 
 
+def test_a_torn_manifest_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST).write_text('{"format_version": 1, "step": ')
+    with pytest.raises(CheckpointError, match=r"cannot read the stream manifest .*: restore the "
+                       "store from a backup or start a new run"):
+        ChunkStore(tmp_path).load_manifest()
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 

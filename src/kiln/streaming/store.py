@@ -323,7 +323,11 @@ class ChunkStore:
         try:
             manifest = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read the stream manifest {path}: {exc}") from exc
+            raise CheckpointError(
+                f"cannot read the stream manifest {path}: {exc}. Kiln replaces it atomically, so "
+                "it was damaged or edited outside Kiln: restore the store from a backup or start "
+                "a new run."
+            ) from exc
         version = manifest.get("format_version") if isinstance(manifest, dict) else None
         if not isinstance(version, int):
             raise CheckpointError(
