@@ -142,7 +142,7 @@ BAD_INPUTS = [
     ({"seed": -1}, ["seed", "got -1"]),
     ({"checkpoint": {"keep_last": 0}}, ["checkpoint.keep_last", "got 0"]),
     ({"model": {"dropout": 1.0}}, ["model.dropout", "got 1.0", "less than 1"]),
-    ({"data": {"sources": [{"root": "x", "inclde": ["*.py"]}]}}, ["data.sources.0.inclde"]),
+    ({"data": {"sources": [{"root": "x", "inclde": ["*.py"]}]}}, ["data.sources[0].inclde"]),
     ({"job": "gan"}, ["job", "'gan'", "'lm'", "'hashtron'", "'nca'"]),
     ({"nca": {"rollout_min": 97}}, ["nca.rollout_min (97) must be <= nca.rollout_max (96)"]),
     ({"schedule": {"name": "exp"}}, ["schedule.name", "'step'"]),
@@ -157,7 +157,7 @@ BAD_INPUTS = [
     ({"strategy": {"memory_budget": "64MiB"}}, ["(1 problem)", "strategy.memory_budget: got "
                                                 "'64MiB'; expected a whole number >= 1 or 'auto'"]),
     ({"hardware": {"threads": 0}}, ["(1 problem)", "hardware.threads: got 0"]),
-    ({"optimizer": {"betas": [1.0, 0.99]}}, ["optimizer.betas.0", "got 1.0", "less than 1"]),
+    ({"optimizer": {"betas": [1.0, 0.99]}}, ["optimizer.betas[0]", "got 1.0", "less than 1"]),
     ({"objectives": {"weights": {"next_token": 0}}},
      ["every token would have loss weight 0", "objectives.weights.next_token"]),
     ({"job": "lattice", "lattice": {"depth": 1}},

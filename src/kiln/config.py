@@ -920,7 +920,7 @@ def format_validation_error(exc: ValidationError) -> str:
     """One line per problem: key path, bad value, what is expected."""
     lines = [f"invalid config ({exc.error_count()} problem{'s' * (exc.error_count() > 1)}):"]
     for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        path = _key_path(err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(
                 f"  {path}: unknown key (value {err['input']!r}); remove it or fix its spelling"
@@ -934,6 +934,14 @@ def format_validation_error(exc: ValidationError) -> str:
             continue
         lines.append(f"  {path}: got {err['input']!r}; expected {_expected(err)}")
     return "\n".join(lines)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """``('data', 'sources', 0, 'root')`` -> ``data.sources[0].root``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f"{'.' if path else ''}{part}"
+    return path
 
 
 def _expected(err: Any) -> str:
