@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
+from kiln import launch
 from kiln.cli import main
+from kiln.config import load_config
 from kiln.errors import KilnError
 from kiln.launch import torchrun_command, without_nproc
+from kiln.run import Run
 
 
 @pytest.mark.parametrize(
@@ -42,3 +46,46 @@ def test_nproc_with_a_one_process_strategy_exits_2_before_launching(
     assert code == 2
     assert "add --set strategy.name=ddp" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the command gets as far as starting torchrun."""
+
+    def refuse(nproc: int, kiln_args: list[str]) -> None:
+        raise AssertionError(f"torchrun was started: {kiln_args}")
+
+    monkeypatch.setattr(launch, "exec_torchrun", refuse)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["strategy.backend=nccl", "hardware.device=cpu"], "nccl needs hardware.device: cuda"),
+        (["strategy.world_size=3", "training.micro_batch_size=1"],
+         "global batch of 3 windows .* does not split over 2 processes"),
+    ],
+)
+def test_what_every_worker_would_refuse_is_refused_once_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_torchrun: None,
+    overrides: list[str], message: str,
+) -> None:
+    sets = [x for o in ["strategy.name=ddp", f"run.root={tmp_path}", *overrides]
+            for x in ("--set", o)]
+    assert main(["train", "--nproc", "2", "--config", "smoke", *sets]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and err.count("error:") == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_of_a_completed_or_busy_run_is_refused_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_torchrun: None,
+) -> None:
+    config = load_config("smoke", [f"run.root={tmp_path}", "strategy.name=ddp"])
+    run = Run.create(config, echo=False)  # holds the lock, as a trainer would
+    assert main(["resume", str(run.path), "--nproc", "2"]) == 2
+    assert "in use by another kiln process" in capsys.readouterr().err
+    run.set_status("completed")
+    run.close()
+    assert main(["resume", str(run.path), "--nproc", "2"]) == 2
+    assert "already completed" in capsys.readouterr().err

@@ -75,6 +75,10 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (listed,) = list_runs(tmp_path)
     assert (listed["status"], listed["step"], listed["loss"]) == ("running", 5, 3.25)
+    # killed after a resume: the summary of the session before is older than the metrics
+    (run / "metrics.json").write_text(json.dumps({"step": 4, "final_loss": 3.5, "val_ppl": 9}))
+    (listed,) = list_runs(tmp_path)
+    assert (listed["step"], listed["loss"], listed["val_ppl"]) == (5, 3.25, None)
 
 
 def test_resume_refuses_input_files_that_changed_since_the_start(

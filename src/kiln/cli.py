@@ -286,19 +286,18 @@ def _print_runs(rows: list[dict]) -> None:
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> None:
     """Restart this command under torchrun with ``--nproc`` processes (unless already there)."""
-    from kiln import launch
+    from kiln import launch, workflows
     from kiln.config import load_config
-    from kiln.run import Run
 
     if launch.under_torchrun():
         return
-    if args.command == "resume":
-        run = Run.open(args.run_dir, echo=False)
+    if args.command == "resume":  # completed, in use or changed inputs: said once, not per rank
+        run = workflows.open_for_resume(args.run_dir, echo=False)
         run.close()
         config = run.config
     else:
         config = load_config(args.config, args.overrides)
-    launch.check_strategy(config, args.nproc)
+    launch.check_launch(config, args.nproc)
     launch.exec_torchrun(args.nproc, argv)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from kiln.config import Config
+from kiln.config import Config, resolve_config
 from kiln.errors import ConfigError, KilnError
 
 NPROC = "--nproc"
@@ -41,13 +41,20 @@ def without_nproc(args: list[str]) -> list[str]:
     return kept
 
 
-def check_strategy(config: Config, nproc: int) -> None:
-    """Refuse several processes for a one-process strategy before torchrun starts them."""
+def check_launch(config: Config, nproc: int) -> None:
+    """What every worker would refuse, refused once before torchrun starts them: a one-process
+    strategy, a backend this device lacks, a world size that does not split the global batch."""
     if nproc > 1 and config.strategy.name not in ("ddp", "fsdp"):
         raise ConfigError(
             f"--nproc {nproc} needs strategy.name ddp or fsdp (this config has "
             f"{config.strategy.name!r}); add --set strategy.name=ddp"
         )
+    from kiln.engine.distributed import backend_for, check_world, resolve_world  # torch: lazily
+
+    resolved = resolve_config(config)
+    if resolved.strategy.name in ("ddp", "fsdp"):
+        backend_for(resolved)
+    check_world(resolve_world(resolved, nproc), nproc)
 
 
 def under_torchrun() -> bool:

@@ -247,15 +247,18 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             job = "?"
         summary = read_summary(path)
         status = (path / "status").read_text().strip() if (path / "status").exists() else "?"
-        # metrics.json is written when a run ends; a killed run shows its last logged step.
+        # metrics.json is written when a run session ends: a killed run, or one killed after a
+        # resume, shows its last logged step instead.
         last = next((r for r in reversed(read_metrics(path)) if "loss" in r), {})
+        if last.get("step", -1) > summary.get("step", -1):
+            summary = {"step": last["step"], "final_loss": last["loss"]}
         rows.append(
             {
                 "id": path.name,
                 "job": job,
                 "status": status,
-                "step": summary.get("step", last.get("step")),
-                "loss": summary.get("final_loss", last.get("loss")),
+                "step": summary.get("step"),
+                "loss": summary.get("final_loss"),
                 "val_ppl": summary.get("final_val_ppl"),
                 "eval_acc": summary.get("eval_accuracy"),
             }

@@ -98,8 +98,8 @@ def train(config: Config, *, echo: bool = True) -> TrainOutcome:
     if config.job == "nca":
         grid_target(config.nca)  # a missing or unusable target image fails here
     with session(config) as placement:
-        config = resolve_world(config, placement)
-        check_world(config, placement)
+        config = resolve_world(config, placement.world_size)
+        check_world(config, placement.world_size)
         run = create_run(config, placement, echo=echo)
         run.log(f"run {run.id} in {run.path}")
         try:
@@ -117,6 +117,16 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
 
     A data-parallel run may resume under another world size (see ``check_world``).
     """
+    run = open_for_resume(run_dir, echo=echo)
+    with session(run.config) as placement:
+        check_world(run.config, placement.world_size)
+        run.set_status("running")
+        return _train_in(run, resume=True, placement=placement)
+
+
+def open_for_resume(run_dir: Path, *, echo: bool = True) -> Run:
+    """Open a run that may be resumed, holding its lock: not completed, not being trained by
+    another process, its input files unchanged."""
     run = run_class().open(run_dir, echo=echo)
     try:
         run.claim()
@@ -126,10 +136,7 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
     except RunError:
         run.close()
         raise
-    with session(run.config) as placement:
-        check_world(run.config, placement)
-        run.set_status("running")
-        return _train_in(run, resume=True, placement=placement)
+    return run
 
 
 def _never_trained(run_dir: Path) -> bool:

@@ -24,14 +24,13 @@ from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, load_config
 from kiln.engine.distributed import (
-    DataParallel,
     _free_port,
     check_world,
     global_batch_size,
     resolve_world,
 )
 from kiln.errors import ConfigError
-from kiln.run import read_metrics
+from kiln.run import Run, read_metrics
 from kiln.sharded_checkpoint import with_full_model
 
 ConfigFactory = Callable[..., Config]
@@ -124,6 +123,15 @@ def _kill_job(proc: subprocess.Popen) -> None:
         os.killpg(int(pid), signal.SIGKILL)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _worker_pid(agent: int, rank: int) -> int:
@@ -286,6 +294,24 @@ def test_dead_rank_fails_the_job_and_it_resumes(
     assert _max_abs_diff(_final_weights(run), _final_weights(runs["ddp"])) == 0.0
 
 
+def test_workers_whose_launcher_is_killed_checkpoint_and_stop(
+    shard_cache: Path, tmp_path: Path
+) -> None:
+    sets = _sets(_overrides(tmp_path / "runs", shard_cache, "strategy.name=ddp"))
+    proc = _start("train", "--nproc", "2", "--config", "smoke", *sets)
+    run = _wait_for_checkpoint(proc, tmp_path / "runs")
+    workers = [_worker_pid(proc.pid, rank) for rank in (0, 1)]
+    proc.send_signal(signal.SIGKILL)  # torchrun's agent itself: it cannot pass anything on
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 120
+    while any(_alive(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their launcher"
+        time.sleep(0.1)
+    assert (run / "status").read_text().strip() == "interrupted"
+    assert "stopped by signal 15" in (run / "train.log").read_text()
+    Run.open(run, echo=False).claim()  # the lock went with them
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     runs: dict[str, Path], shard_cache: Path, tmp_path: Path
@@ -324,12 +350,11 @@ def test_one_gpu_rank_with_nccl_matches_single_process(
 
 
 def test_world_size_must_split_the_global_batch(smoke_config: ConfigFactory) -> None:
-    config = resolve_world(smoke_config("strategy.name=ddp", "training.grad_accum_steps=3"),
-                           DataParallel(0, 0, 2, "gloo"))
+    config = resolve_world(smoke_config("strategy.name=ddp", "training.grad_accum_steps=3"), 2)
     assert config.strategy.world_size == 2 and global_batch_size(config) == 48
-    check_world(config, DataParallel(0, 0, 3, "gloo"))
+    check_world(config, 3)
     with pytest.raises(ConfigError, match="does not split over 5 processes"):
-        check_world(config, DataParallel(0, 0, 5, "gloo"))
+        check_world(config, 5)
 
 
 @pytest.mark.parametrize(

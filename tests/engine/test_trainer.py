@@ -4,6 +4,7 @@ evaluation in the final checkpoint, and a checkpoint written for another model c
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from kiln import cli, workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
+from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError
 from kiln.run import read_metrics
 from kiln.streaming.executor import store_root
@@ -90,3 +92,27 @@ def test_resume_with_a_checkpoint_of_another_model_config_exits_2_naming_it(
     assert "different model config" in line and "missing keys blocks.2." in line
     with pytest.raises(CheckpointError, match=r"missing keys .* and 9 more\)"):
         workflows.resume(run, echo=False)
+
+
+def test_a_stop_right_after_a_checkpoint_does_not_write_it_again(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    saves: list[int] = []
+    real_save, real_evaluate = Trainer.save, Trainer.evaluate
+
+    def counted_save(self: Trainer, *args: object, **kwargs: object) -> None:
+        saves.append(self.progress.step)
+        real_save(self, *args, **kwargs)
+
+    def ctrl_c_at_step_2(self: Trainer) -> None:
+        real_evaluate(self)
+        if self.progress.step == 2:
+            signal.raise_signal(signal.SIGINT)  # arrives before the step's checkpoint
+
+    monkeypatch.setattr(Trainer, "save", counted_save)
+    monkeypatch.setattr(Trainer, "evaluate", ctrl_c_at_step_2)
+    config = smoke_config("training.max_steps=6", "checkpoint.every_steps=1",
+                          "eval.every_steps=1")
+    outcome = workflows.train(config, echo=False)
+    assert (outcome.status, outcome.step) == ("interrupted", 2)
+    assert saves == [1, 2]

@@ -18,6 +18,8 @@ creates the run directory and writes every shared file; the other ranks open it 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
 import os
 import signal
@@ -228,12 +230,9 @@ def session(config: Config) -> Iterator[Local]:
         yield Local()
         return
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
-    cuda = config.hardware.device == "cuda"
-    backend = config.strategy.backend
-    if backend == "auto":
-        backend = "nccl" if cuda else "gloo"
-    if backend == "nccl" and not cuda:
-        raise ConfigError("strategy.backend nccl needs hardware.device: cuda; use gloo on CPU")
+    backend = backend_for(config)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _stop_with_the_launcher()
     # Without torchrun: a group of one on a free local port.
     init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
     dist.init_process_group(
@@ -262,6 +261,19 @@ def session(config: Config) -> Iterator[Local]:
         ) from exc
     finally:
         dist.destroy_process_group()
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _stop_with_the_launcher() -> None:
+    """Have Linux send this torchrun worker SIGTERM when its agent dies, even by SIGKILL: the
+    worker then checkpoints and stops as on Ctrl-C, instead of training on unsupervised and
+    holding the run's lock. Where there is no prctl nothing changes."""
+    name = ctypes.util.find_library("c")
+    prctl = getattr(ctypes.CDLL(name), "prctl", None) if name else None
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -298,24 +310,35 @@ def _collective_failure(exc: BaseException) -> bool:
     return any(mark in text for mark in ("gloo", "Gloo", "NCCL", "Connection closed by peer"))
 
 
-def resolve_world(config: Config, placement: Local) -> Config:
+def backend_for(config: Config) -> str:
+    """The torch.distributed backend of a resolved config ('auto': nccl on CUDA, gloo on CPU)."""
+    cuda = config.hardware.device == "cuda"
+    backend = config.strategy.backend
+    if backend == "auto":
+        return "nccl" if cuda else "gloo"
+    if backend == "nccl" and not cuda:
+        raise ConfigError("strategy.backend nccl needs hardware.device: cuda; use gloo on CPU")
+    return backend
+
+
+def resolve_world(config: Config, world_size: int) -> Config:
     """Pin ``strategy.world_size`` to the launched world size when it is 'auto'."""
     if config.strategy.world_size != "auto":
         return config
     resolved = config.model_copy(deep=True)
-    resolved.strategy.world_size = placement.world_size
+    resolved.strategy.world_size = world_size
     return resolved
 
 
-def check_world(config: Config, placement: Local) -> None:
+def check_world(config: Config, world_size: int) -> None:
     """Raise ``ConfigError`` unless this world size splits the config's global batch evenly."""
     total = global_batch_size(config)
-    if total % placement.world_size:
+    if total % world_size:
         raise ConfigError(
             f"the global batch of {total} windows (training.micro_batch_size "
             f"{config.training.micro_batch_size} x grad_accum_steps "
             f"{config.training.grad_accum_steps} x strategy.world_size "
-            f"{config.strategy.world_size}) does not split over {placement.world_size} "
+            f"{config.strategy.world_size}) does not split over {world_size} "
             f"processes; launch a world size that divides {total}"
         )
 

@@ -173,7 +173,8 @@ class Trainer:
                     # Every rank stops at the same step, whichever rank got the signal.
                     if self.placement.any(stop.received is not None):
                         self.progress.wall_time = time.monotonic() - started
-                        self.save()
+                        if self._saved_step != self.progress.step:  # not already saved
+                            self.save()
                         self.run.set_status("interrupted")
                         by = stop.received or "sent to another rank"
                         self.run.log(f"stopped by signal {by}; resume to continue")
