@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import re
-import sys
+import signal
 from pathlib import Path
 
 import pytest
+import torch.distributed.run
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from kiln import launch
 from kiln.cli import main
 from kiln.config import load_config
 from kiln.errors import KilnError
-from kiln.launch import torchrun_command, without_nproc
+from kiln.launch import torchrun_args, without_nproc
 from kiln.run import Run
 
 
@@ -28,14 +31,36 @@ def test_nproc_is_removed_and_the_rest_kept_in_order(args: list[str]) -> None:
     assert without_nproc(args) == ["train", "--config", "smoke"]
 
 
-def test_torchrun_command_runs_kiln_as_a_module() -> None:
-    command = torchrun_command(4, ["resume", "runs/x", "--nproc", "4"])
-    assert command == [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-        "-m", "kiln", "resume", "runs/x",
-    ]
+def test_torchrun_runs_kiln_as_a_module() -> None:
+    args = torchrun_args(4, ["resume", "runs/x", "--nproc", "4"])
+    assert args == ["--standalone", "--nproc-per-node=4", "-m", "kiln", "resume", "runs/x"]
     with pytest.raises(KilnError, match="--nproc must be >= 1"):
-        torchrun_command(0, ["train"])
+        torchrun_args(0, ["train"])
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [({0: 130, 1: 130}, 130), ({0: 2, 1: 2}, 2), ({0: 2, 1: 130}, 2), ({0: 2, 1: -9}, 1)],
+)
+def test_the_agents_ending_becomes_kilns_exit_code(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    codes: dict[int, int], expected: int,
+) -> None:
+    def failing(_args: object) -> None:
+        failures = {rank: ProcessFailure(rank, 1000 + rank, code, "") for rank, code in
+                    codes.items()}
+        raise ChildFailedError("kiln", failures)
+
+    monkeypatch.setattr(torch.distributed.run, "run", failing)
+    assert launch.run_torchrun(2, ["train"]) == expected
+    err = capsys.readouterr().err
+    assert ("rank 1: exit code -9" in err) == (expected == 1)
+
+    def signalled(_args: object) -> None:
+        raise SignalException("got SIGINT", signal.SIGINT)
+
+    monkeypatch.setattr(torch.distributed.run, "run", signalled)
+    assert launch.run_torchrun(2, ["train"]) == 130
 
 
 def test_nproc_with_a_one_process_strategy_exits_2_before_launching(
@@ -55,7 +80,7 @@ def no_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(nproc: int, kiln_args: list[str]) -> None:
         raise AssertionError(f"torchrun was started: {kiln_args}")
 
-    monkeypatch.setattr(launch, "exec_torchrun", refuse)
+    monkeypatch.setattr(launch, "run_torchrun", refuse)
 
 
 @pytest.mark.parametrize(

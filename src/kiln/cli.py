@@ -284,13 +284,14 @@ def _print_runs(rows: list[dict]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
-def _launch(args: argparse.Namespace, argv: list[str]) -> None:
-    """Restart this command under torchrun with ``--nproc`` processes (unless already there)."""
+def _launch(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Run this command in ``--nproc`` torchrun workers and return the exit code; None inside a
+    worker, which goes on to run the command itself."""
     from kiln import launch, workflows
     from kiln.config import load_config
 
     if launch.under_torchrun():
-        return
+        return None
     if args.command == "resume":  # completed, in use or changed inputs: said once, not per rank
         run = workflows.open_for_resume(args.run_dir, echo=False)
         run.close()
@@ -298,7 +299,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> None:
     else:
         config = load_config(args.config, args.overrides)
     launch.check_launch(config, args.nproc)
-    launch.exec_torchrun(args.nproc, argv)
+    return launch.run_torchrun(args.nproc, argv)
 
 
 # Errno values a user fixes, with the fix. An OSError with one of _BUG_ERRNOS means kiln misused
@@ -330,7 +331,9 @@ def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if getattr(args, "nproc", None) is not None:
-            _launch(args, sys.argv[1:] if argv is None else argv)
+            code = _launch(args, sys.argv[1:] if argv is None else argv)
+            if code is not None:
+                return code
         return _run(args)
     except KilnError as exc:
         if args.debug:

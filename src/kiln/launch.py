@@ -1,9 +1,10 @@
 """`kiln train|resume --nproc N`: start N local processes through torchrun.
 
-The command replaces the current process with ``python -m torch.distributed.run --standalone
---nproc-per-node N -m kiln <the same arguments without --nproc>``, so torchrun's agent owns the
-workers directly (signals and failures reach it, no extra parent in between). Inside, each
-worker is a normal ``kiln`` process that finds its rank in the environment.
+The command runs torchrun's agent in its own process, as ``torchrun --standalone
+--nproc-per-node N -m kiln <the same arguments without --nproc>`` would, so the agent owns the
+workers directly (signals and failures reach it, no extra parent in between), and then turns
+the agent's ways of ending into Kiln's exit codes. Inside, each worker is a normal ``kiln``
+process that finds its rank in the environment.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from kiln.errors import ConfigError, KilnError
 NPROC = "--nproc"
 
 
-def torchrun_command(nproc: int, kiln_args: list[str]) -> list[str]:
-    """The torchrun command line for ``nproc`` workers running ``kiln <kiln_args>``."""
+INTERRUPTED = 130  # the exit code of a run stopped by a signal (it checkpointed)
+USER_ERROR = 2  # the exit code of a KilnError; the worker printed its message
+
+
+def torchrun_args(nproc: int, kiln_args: list[str]) -> list[str]:
+    """torchrun's arguments for ``nproc`` workers running ``kiln <kiln_args>``."""
     if nproc < 1:
         raise KilnError(f"--nproc must be >= 1, got {nproc}")
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "kiln", *without_nproc(kiln_args),
-    ]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "kiln", *without_nproc(kiln_args)]
 
 
 def without_nproc(args: list[str]) -> list[str]:
@@ -62,9 +64,32 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def exec_torchrun(nproc: int, kiln_args: list[str]) -> None:
-    """Replace this process with torchrun running ``nproc`` kiln workers (never returns)."""
-    command = torchrun_command(nproc, kiln_args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(command[0], command)
+def run_torchrun(nproc: int, kiln_args: list[str]) -> int:
+    """Run torchrun's agent with ``nproc`` kiln workers in this process; the exit code.
+
+    A stop signal to the agent, or workers that all stopped on one, give 130 (the run
+    checkpointed); workers that ended on a user error (their message printed) give 2; anything
+    else (a crash, a killed worker) gives 1, naming each failed rank's exit code. torchrun's own
+    report of these, a traceback, is not shown.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(torchrun_args(nproc, kiln_args)))
+    except SignalException:
+        return INTERRUPTED
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        if codes <= {INTERRUPTED}:
+            return INTERRUPTED
+        if codes <= {USER_ERROR, INTERRUPTED}:
+            return USER_ERROR
+        ranks = ", ".join(
+            f"rank {rank}: exit code {failure.exitcode}"
+            for rank, failure in sorted(exc.failures.items())
+        )
+        print(f"error: workers failed ({ranks}); their messages are above", file=sys.stderr)
+        return 1
+    return 0
