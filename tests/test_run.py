@@ -79,6 +79,11 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     (run / "metrics.json").write_text(json.dumps({"step": 4, "final_loss": 3.5, "val_ppl": 9}))
     (listed,) = list_runs(tmp_path)
     assert (listed["step"], listed["loss"], listed["val_ppl"]) == (5, 3.25, None)
+    # a hashtron run logs steps without a loss
+    (run / "metrics.json").unlink()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "train_accuracy": 0.9}) + "\n")
+    (listed,) = list_runs(tmp_path)
+    assert (listed["step"], listed["loss"]) == (7, None)
 
 
 def test_resume_refuses_input_files_that_changed_since_the_start(

@@ -249,9 +249,11 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
         status = (path / "status").read_text().strip() if (path / "status").exists() else "?"
         # metrics.json is written when a run session ends: a killed run, or one killed after a
         # resume, shows its last logged step instead.
-        last = next((r for r in reversed(read_metrics(path)) if "loss" in r), {})
-        if last.get("step", -1) > summary.get("step", -1):
-            summary = {"step": last["step"], "final_loss": last["loss"]}
+        logged = read_metrics(path)
+        last_step = max((r["step"] for r in logged if "step" in r), default=-1)
+        if last_step > summary.get("step", -1):  # hashtron rows have a step and no loss
+            last_loss = next((r["loss"] for r in reversed(logged) if "loss" in r), None)
+            summary = {"step": last_step, "final_loss": last_loss}
         rows.append(
             {
                 "id": path.name,
