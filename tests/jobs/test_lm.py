@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.config import load_config
+from kiln import workflows
+from kiln.config import Config, load_config
 from kiln.data.mixture import normalize_step
 from kiln.data.objectives import COMPONENTS, COT, FIM, NEXT_TOKEN
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, DataError
 from kiln.jobs.lm import step_split, weighted_token_loss
 from kiln.models.gpt import GPT, GPTShape
 
@@ -63,3 +67,30 @@ def test_step_split_between_corpus_and_cot() -> None:
     tiny = load_config("smoke", ["objectives.cot.path=examples", "training.micro_batch_size=1"])
     with pytest.raises(ConfigError, match="leaves no corpus windows"):
         step_split(tiny)
+
+
+def _cot_file(tmp_path: Path, records: int) -> Path:
+    """The first ``records`` lines of the packaged CoT set, as a user's file."""
+    packaged = Path(__file__).parents[2] / "src/kiln/data/examples/cot_python.jsonl"
+    path = tmp_path / "cot.jsonl"
+    path.write_text("".join(packaged.read_text().splitlines(keepends=True)[:records]))
+    return path
+
+
+def test_too_few_cot_records_name_the_cot_file(smoke_config: Callable[..., Config],
+                                               tmp_path: Path) -> None:
+    cot = _cot_file(tmp_path, 2)
+    config = smoke_config("training.max_steps=1", f"objectives.cot.path={cot}")
+    with pytest.raises(DataError, match=rf"the chain-of-thought training records \({cot}\) has"):
+        workflows.train(config, echo=False)
+
+
+def test_cot_val_records_too_short_for_a_window_are_reported(
+    smoke_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    cot = _cot_file(tmp_path, 40)
+    config = smoke_config("training.max_steps=1", f"objectives.cot.path={cot}",
+                          "objectives.cot.val_fraction=0.025",  # one record held out
+                          "data.seq_len=256")
+    run = workflows.train(config, echo=False).run_dir
+    assert "no val_cot_loss is reported; add records" in (run / "train.log").read_text()

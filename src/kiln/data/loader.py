@@ -150,7 +150,9 @@ class WindowLoader:
         seed: int,
         prefetch: int = 2,
         transform: WindowTransform | None = None,
+        source: str = "the token stream",
     ) -> None:
+        """``source`` names the stream in errors (the code corpus, the CoT records, ...)."""
         if seq_len < 1 or samples_per_step < 1 or prefetch < 0 or seed < 0:
             raise ValueError("seq_len and samples_per_step must be >= 1, prefetch and seed >= 0")
         if not 0 <= rank < world_size:
@@ -159,7 +161,7 @@ class WindowLoader:
         group = samples_per_step * world_size
         if num_windows < group:
             raise DataError(
-                f"the token stream has {len(stream):,} tokens, {num_windows} windows of "
+                f"{source} has {len(stream):,} tokens, {num_windows} windows of "
                 f"seq_len {seq_len}; one step needs {group} windows ({group * seq_len + 1:,} "
                 "tokens); add data or lower seq_len, the batch size or the number of processes"
             )

@@ -152,7 +152,9 @@ class LMJob:
         seq_len = config.data.seq_len
         code_windows, cot_windows = step_split(config)
 
-        def loader(stream: Stream, samples: int, transform: WindowTransform) -> WindowLoader:
+        def loader(
+            stream: Stream, samples: int, transform: WindowTransform, source: str
+        ) -> WindowLoader:
             return WindowLoader(
                 stream,
                 seq_len=seq_len,
@@ -161,6 +163,7 @@ class LMJob:
                 seed=config.seed,
                 prefetch=config.data.prefetch,
                 transform=transform,
+                source=source,
             )
 
         train_stream, val_stream = self.data.split("train"), self.data.split("val")
@@ -169,7 +172,7 @@ class LMJob:
         val_count = ev.max_batches * eval_batch_size
         code = CodeWindows(self.tokenizer, weights, fim, config.seed)
         code_val = CodeWindows(self.tokenizer, weights, fim, config.seed, validation=True)
-        loaders = {"code": loader(train_stream, code_windows, code)}
+        loaders = {"code": loader(train_stream, code_windows, code, "the code corpus")}
         val_windows = [
             validation_windows(val_stream, seq_len, val_count, code_val)
         ]
@@ -179,13 +182,22 @@ class LMJob:
             cot_train = CotData.build(self.tokenizer, train)
             cot_val = CotData.build(self.tokenizer, val)
             loaders["cot"] = loader(
-                cot_train.stream, cot_windows, CotWindows(cot_train, seq_len, role_weights, weights)
+                cot_train.stream,
+                cot_windows,
+                CotWindows(cot_train, seq_len, role_weights, weights),
+                f"the chain-of-thought training records ({config.objectives.cot.path})",
             )
             val_cot = CotWindows(cot_val, seq_len, role_weights, weights)
             val_windows.append(
                 validation_windows(cot_val.stream, seq_len, val_count, val_cot)
             )
             log(f"chain of thought: {len(train)} train / {len(val)} val records")
+            if not val_windows[-1]:
+                log(
+                    f"warning: the {len(val)} chain-of-thought val records hold fewer than "
+                    f"seq_len + 1 = {seq_len + 1} tokens, so no val_cot_loss is reported; add "
+                    "records or raise objectives.cot.val_fraction"
+                )
         self.batches = MixedBatches(loaders)
         self.evaluator = LMEvaluator(
             config, self.tokenizer, val_windows, val_stream, eval_batch_size, device
