@@ -157,8 +157,11 @@ def _train_in(
         if run.status() == "running":
             run.set_status("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
         run.log(f"run ended: {type(exc).__name__}: {exc}")
-        if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the CLI cannot say where
-            run.log(f"continue with: kiln resume {run.path}")
+        # The CLI reports only a clean stop; after a second Ctrl-C, a crash or a dead rank the
+        # run itself says how to go on (a run that never trained a step has nothing to resume).
+        if isinstance(exc, KeyboardInterrupt) or not _never_trained(run.path):
+            nproc = f" --nproc {placement.world_size}" if placement.world_size > 1 else ""
+            run.log(f"continue with: kiln resume {run.path}{nproc}")
         raise
     finally:
         run.close()
