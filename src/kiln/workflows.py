@@ -435,7 +435,7 @@ def hashtron_tasks(
 ) -> list[TaskReport]:
     """Train each hashtron task in turn with the config's ``hashtron`` settings and seed.
 
-    ``tasks`` (default: every offline task in ``DEFAULT_TASKS``) replaces
+    ``tasks`` (default: ``DEFAULT_TASKS``, the tasks that need no files and no extra) replaces
     ``hashtron.task.name``; each task gets its default options. No run directory is written:
     the reports are the result, one per task, and a task that fails is reported as failed
     while the others still run.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import numpy as np
 import pytest
 from hashtron_scalar import combine_scalar
@@ -69,7 +72,44 @@ def test_dict_round_trip(combiner) -> None:
 def test_from_dict_errors() -> None:
     with pytest.raises(ConfigError, match="unknown combiner 'conv'"):
         combiner_from_dict({"kind": "conv"}, "layers[0].combiner")
-    with pytest.raises(ConfigError, match="bad fields for full"):
+    with pytest.raises(ConfigError, match="bad fields for full: missing"):
         combiner_from_dict({"kind": "full", "step": 1})
+    with pytest.raises(ConfigError, match=r"bad fields for sum: unknown key\(s\) \['where'\]"):
+        combiner_from_dict({"kind": "sum", "dims": [4], "where": "x"})
     with pytest.raises(ConfigError, match="'kind'"):
         combiner_from_dict([1, 2])
+
+
+AT = "hashtron.layers[0].combiner"
+POOL = {"kind": "majpool2d", "width": 2, "height": 2, "subwidth": 1, "subheight": 1,
+        "capwidth": 2, "capheight": 2}
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"kind": "full", "step": "4", "maxbits": 4}, ".step: got '4', expected an integer"),
+    ({"kind": "full", "step": 2.5, "maxbits": 4}, ".step: got 2.5, expected an integer"),
+    ({"kind": "full", "step": 4.5, "maxbits": 4}, ".step: got 4.5, expected an integer"),
+    ({"kind": "full", "step": 2, "maxbits": 4.0}, ".maxbits: got 4.0, expected an integer"),
+    ({"kind": "full", "step": True, "maxbits": 4}, ".step: got True, expected an integer"),
+    ({"kind": "full", "step": 0, "maxbits": 4}, ".step: got 0, expected a value >= 1"),
+    ({"kind": "full", "step": 1, "maxbits": 33}, ".maxbits: got 33, expected a value <= 32"),
+    ({"kind": "sum", "dims": "ab"}, ".dims: got 'ab', expected a non-empty list of integers"),
+    ({"kind": "sum", "dims": []}, ".dims: got [], expected a non-empty list of integers"),
+    ({"kind": "sum", "dims": [16.5]}, ".dims[0]: got 16.5, expected an integer"),
+    ({"kind": "sum", "dims": [4, 4], "axis": 1.0}, ".axis: got 1.0, expected an integer"),
+    ({"kind": "sum", "dims": [4, 4], "axis": 2}, ".axis: got 2, expected a value <= 1"),
+    ({**POOL, "repeat": "2"}, ".repeat: got '2', expected an integer"),
+    ({**POOL, "bias": 0.5}, ".bias: got 0.5, expected an integer"),
+    ({**POOL, "capwidth": 8, "capheight": 8}, ": capwidth x capheight = 64 bits"),
+])
+def test_from_dict_checks_field_types_at_the_key_path(spec: dict[str, Any],
+                                                       message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(AT + message)):
+        combiner_from_dict(spec, AT)
+
+
+def test_direct_construction_names_the_kind() -> None:
+    with pytest.raises(ConfigError, match=re.escape("full.step: got 2.5, expected an integer")):
+        Full(step=2.5, maxbits=4)
+    with pytest.raises(ConfigError, match=re.escape("sum.dims[0]: got True")):
+        Sum((True,))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
-from kiln.hashtron.multitask import build_pipeline, format_reports, train_tasks
+import pytest
+
+from kiln.errors import ConfigError
+from kiln.hashtron.multitask import DEFAULT_TASKS, build_pipeline, format_reports, train_tasks
 from kiln.hashtron.settings import HashtronSettings, TaskSettings
-from kiln.hashtron.tasks import load_task
+from kiln.hashtron.tasks import TASK_NAMES, load_task
 
 
 def test_five_tasks_train_and_are_reported() -> None:
@@ -47,3 +50,24 @@ def test_build_pipeline_uses_the_task_shape_or_the_settings() -> None:
     fwd, _ = build_pipeline(settings.replace(pipeline={"direction": "forward"}), seed=3,
                             task=load_task(settings.task))
     assert fwd.network.layers[0].neurons == pipe.network.layers[0].neurons
+
+
+def test_default_tasks_are_those_that_need_no_files_and_no_extra() -> None:
+    assert set(DEFAULT_TASKS) == set(TASK_NAMES) - {"digits", "mnist_idx", "csv", "jsonl"}
+
+
+def test_tasks_that_need_data_files_are_refused_before_any_trains() -> None:
+    seen: list = []
+    with pytest.raises(ConfigError) as info:
+        train_tasks(["isalnum", "csv", "mnist_idx"], on_task=seen.append)
+    assert seen == []
+    assert "csv, mnist_idx need data files" in str(info.value)
+    assert "kiln train --config hashtron --set hashtron.task.name=csv" in str(info.value)
+
+
+def test_task_options_are_refused_before_any_trains() -> None:
+    seen: list = []
+    settings = HashtronSettings.from_dict({"task": {"options": {"n": 64}}})
+    with pytest.raises(ConfigError, match=r"^hashtron.task.options: .*\{'n': 64\}") as info:
+        train_tasks(["isalnum", "squareroot"], settings, on_task=seen.append)
+    assert seen == [] and "--set hashtron.task.options.KEY=VALUE" in str(info.value)

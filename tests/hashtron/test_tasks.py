@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import re
 import string
 import sys
 from pathlib import Path
@@ -85,7 +86,7 @@ def test_load_task_and_default_shapes() -> None:
 def test_task_and_layer_errors() -> None:
     with pytest.raises(ConfigError, match="unknown task 'cifar'"):
         load_task(TaskSettings(name="cifar"))
-    with pytest.raises(ConfigError, match="bad option for task 'isalnum'"):
+    with pytest.raises(ConfigError, match="unknown option for task 'isalnum'; it takes none"):
         load_task(TaskSettings(name="isalnum", options={"n": 3}))
     with pytest.raises(ConfigError, match=r"options\.path"):
         load_task(TaskSettings(name="csv"))
@@ -99,6 +100,30 @@ def test_task_and_layer_errors() -> None:
         layer_specs([{"width": 4, "combiner": {"kind": "conv"}}, {"width": 1}])
     with pytest.raises(ConfigError, match="widen the last layer"):
         build_network([{"width": 1}], 0, label_bits=3)
+
+
+@pytest.mark.parametrize(("name", "options", "message"), [
+    ("majority", {"seed": -1}, "seed: got -1, expected a value >= 0"),
+    ("majority", {"bits": 6}, "bits: got 6, expected a multiple of 4"),
+    ("majority", {"bits": 132}, "bits: got 132, expected a value <= 128"),
+    ("majority", {"samples": "many"}, "samples: got 'many', expected an integer"),
+    ("squareroot", {"n": 1.5}, "n: got 1.5, expected an integer"),
+    ("squareroot", {"n": True}, "n: got True, expected an integer"),
+    ("squareroot", {"bits": 4}, "bits: unknown option for task 'squareroot'; it takes n"),
+    ("majority", {"n": 4}, "n: unknown option for task 'majority'; it takes bits, samples, seed"),
+    ("digits", {"threshold": -3}, "threshold: got -3, expected a value >= 1"),
+    ("digits", {"features": 0}, "features: got 0, expected a value >= 1"),
+    ("digits", {"features": None}, "features: got None, expected an integer"),
+    ("mnist_idx", {"root": "x", "threshold": 256}, "threshold: got 256, expected a value <= 255"),
+    ("mnist_idx", {"root": "x", "checksums": ["a"]}, "checksums: got ['a'], expected a mapping"),
+    ("mnist_idx", {"root": 3}, "root: got 3, expected a non-empty string"),
+    ("csv", {"path": ""}, "path: got '', expected a non-empty string"),
+    ("jsonl", {"path": "x", "label": 1}, "label: got 1, expected a non-empty string"),
+    ("csv", {}, "path: the csv task needs the path of your data file"),
+])
+def test_task_options_are_checked(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape("hashtron.task.options." + message)):
+        load_task(TaskSettings(name=name, options=options))
 
 
 def test_csv(tmp_path: Path) -> None:
@@ -151,12 +176,25 @@ def test_jsonl(tmp_path: Path) -> None:
     (['{"features": [1, "a"], "label": 0}'], r"data.jsonl:1 features\[1\]: feature 'a'"),
     (['{"features": [1], "label": 0.5}'], r"label 0.5 is not an integer"),
     (['{"features": [true], "label": 0}'], r"feature True is not an integer"),
+    (['{"features": ["1", 2], "label": 0}'], r"data.jsonl:1 features\[0\]: feature '1' is not"),
+    (['{"features": [1], "label": 1.0}'], r"data.jsonl:1 key 'label': label 1.0 is not"),
+    (['{"features": [2.0], "label": 1}'], r"data.jsonl:1 features\[0\]: feature 2.0 is not"),
 ])
 def test_jsonl_errors_say_where(tmp_path: Path, lines: list[str], match: str) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=match):
         read_jsonl(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path: Path) -> None:
+    # Excel writes UTF-8 with a BOM; it must not end up in the first column name or key
+    csv_path, jsonl_path = tmp_path / "bom.csv", tmp_path / "bom.jsonl"
+    csv_path.write_text("label,a\n1,2\n0,3\n", encoding="utf-8-sig")
+    jsonl_path.write_text('{"features": [2], "label": 1}\n', encoding="utf-8-sig")
+    ds = read_csv(csv_path)
+    assert ds.features.tolist() == [[2], [3]] and ds.labels.tolist() == [1, 0]
+    assert read_jsonl(jsonl_path).features.tolist() == [[2]]
 
 
 def test_missing_user_file(tmp_path: Path) -> None:
@@ -220,6 +258,8 @@ def test_mnist_checksums_and_corruption(tmp_path: Path) -> None:
     mnist_idx(raw, checksums={name: good})
     with pytest.raises(DataError, match="sha256"):
         mnist_idx(raw, checksums={name: "0" * 64})
+    with pytest.raises(ConfigError, match=rf"options\.checksums\.{name}: got 123, expected"):
+        mnist_idx(raw, checksums={name: 123})
     (raw / name).write_bytes((raw / name).read_bytes()[:-1])
     with pytest.raises(DataError, match="truncated or corrupt"):
         mnist_idx(raw)

@@ -237,6 +237,28 @@ def test_bad_hashtron_values_name_the_key_and_create_no_run(
     assert not root.exists() or not any(root.iterdir())
 
 
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (("hashtron.layers=[{width: 16, combiner: {kind: full, step: 2.5, maxbits: 4}}, "
+      "{width: 1}]",), "hashtron.layers[0].combiner.step: got 2.5, expected an integer"),
+    (("hashtron.layers=[{width: 16, combiner: {kind: sum, dims: ab}}, {width: 1}]",),
+     "hashtron.layers[0].combiner.dims: got 'ab', expected a non-empty list"),
+    (("hashtron.task.name=majority", "hashtron.task.options.seed=-1"),
+     "hashtron.task.options.seed: got -1, expected a value >= 0"),
+    (("hashtron.task.name=squareroot", "hashtron.task.options.n=1.5"),
+     "hashtron.task.options.n: got 1.5, expected an integer"),
+    (("hashtron.task.name=squareroot", "hashtron.task.options.size=4"),
+     "hashtron.task.options.size: unknown option for task 'squareroot'; it takes n"),
+])
+def test_bad_combiner_fields_and_task_options_exit_2_and_create_no_run(
+    tmp_path: Path, overrides: tuple[str, ...], fragment: str
+) -> None:
+    root = tmp_path / "experiments"
+    proc = _kiln("train", "--config", "hashtron", *_sets(hashtron_args(root, *overrides)))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert fragment in proc.stderr, proc.stderr
+    assert not root.exists() or not any(root.iterdir())
+
+
 def test_bad_hashtron_config_exits_2_naming_the_key_path(tmp_path: Path) -> None:
     root = tmp_path / "experiments"
     proc = _kiln("train", "--config", "hashtron",
@@ -274,13 +296,28 @@ def test_multi_task_command_trains_and_reports_each_task() -> None:
 
 
 def test_multi_task_command_exits_2_when_a_task_fails() -> None:
-    # csv without its options.path fails when loaded; the tasks around it still run
-    proc = _kiln("hashtron-tasks", "--tasks", "isalnum,csv,isdigit",
-                 "--set", "hashtron.pipeline.epochs=1")
+    # one output neuron fits the 1-bit labels of isalnum and isdigit, not squareroot's 5 bits:
+    # squareroot fails when its network is built, the tasks around it still run
+    layers = "[{width: 16, combiner: {kind: full, step: 16, maxbits: 16}}, {width: 1}]"
+    proc = _kiln("hashtron-tasks", "--tasks", "isalnum,squareroot,isdigit",
+                 "--set", "hashtron.pipeline.epochs=1", "--set", f"hashtron.layers={layers}")
     assert proc.returncode == 2
     assert "| isalnum | yes |" in proc.stdout and "| isdigit | yes |" in proc.stdout
-    assert "| csv | NO: " in proc.stdout
-    assert "error: task csv failed: hashtron.task.options.path" in proc.stderr
+    assert "| squareroot | NO: " in proc.stdout
+    assert "error: task squareroot failed: hashtron.layers[1].width is 1" in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--tasks", "isalnum,csv"), "--tasks: csv need data files"),
+    (("--tasks", "isalnum,squareroot", "--set", "hashtron.task.options.n=64"),
+     "hashtron.task.options: kiln hashtron-tasks trains every task with its default options"),
+])
+def test_multi_task_command_refuses_data_files_and_options_before_training_any(
+    args: tuple[str, ...], message: str
+) -> None:
+    proc = _kiln("hashtron-tasks", *args)
+    assert proc.returncode == 2 and "task isalnum" not in proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_multi_task_command_refuses_an_unknown_task_before_training_any() -> None:

@@ -19,8 +19,9 @@ Packed features put their first bit in the highest position, as the reference do
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import InitVar, asdict, dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kiln.errors import ConfigError
+from kiln.hashtron.settings import check_int
 
 MAX_FEATURE_BITS = 32
 
@@ -39,10 +41,9 @@ def pack_msb_first(bits: NDArray[np.bool_]) -> NDArray[np.uint32]:
     return (bits.astype(np.uint32) * weights).sum(axis=-1, dtype=np.uint32)
 
 
-def _check_positive(kind: str, **values: int) -> None:
-    for name, value in values.items():
-        if int(value) < 1:
-            raise ConfigError(f"{kind}.{name} must be >= 1, got {value}")
+# Every combiner checks its fields in ``__post_init__``, naming them ``<where>.<field>``:
+# ``where`` is the combiner's key path when it comes from a config (``combiner_from_dict``),
+# else its kind.
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,17 @@ class MajPool2D:
     capheight: int
     repeat: int = 1
     bias: int = 0
+    where: InitVar[str] = ""
 
-    def __post_init__(self) -> None:
-        _check_positive(self.kind, width=self.width, height=self.height,
-                        subwidth=self.subwidth, subheight=self.subheight,
-                        capwidth=self.capwidth, capheight=self.capheight, repeat=self.repeat)
+    def __post_init__(self, where: str) -> None:
+        where = where or self.kind
+        for name in ("width", "height", "subwidth", "subheight", "capwidth", "capheight",
+                     "repeat"):
+            check_int(f"{where}.{name}", getattr(self, name), low=1)
+        check_int(f"{where}.bias", self.bias)
         if self.capwidth * self.capheight > MAX_FEATURE_BITS:
             raise ConfigError(
-                f"majpool2d: capwidth x capheight = {self.capwidth * self.capheight} bits per "
+                f"{where}: capwidth x capheight = {self.capwidth * self.capheight} bits per "
                 f"feature; at most {MAX_FEATURE_BITS} fit in a uint32 feature"
             )
 
@@ -111,11 +115,12 @@ class Full:
     kind: ClassVar[str] = "full"
     step: int
     maxbits: int
+    where: InitVar[str] = ""
 
-    def __post_init__(self) -> None:
-        _check_positive(self.kind, step=self.step, maxbits=self.maxbits)
-        if self.maxbits > MAX_FEATURE_BITS:
-            raise ConfigError(f"full.maxbits must be <= {MAX_FEATURE_BITS}, got {self.maxbits}")
+    def __post_init__(self, where: str) -> None:
+        where = where or self.kind
+        check_int(f"{where}.step", self.step, low=1)
+        check_int(f"{where}.maxbits", self.maxbits, low=1, high=MAX_FEATURE_BITS)
 
     def check(self, in_width: int, n_features: int) -> None:
         """Raise ``ConfigError`` if the last feature would read past the layer's bits."""
@@ -140,14 +145,17 @@ class Sum:
     kind: ClassVar[str] = "sum"
     dims: tuple[int, ...]
     axis: int = 0
+    where: InitVar[str] = ""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
-        if not self.dims:
-            raise ConfigError("sum.dims must list at least one dimension")
-        _check_positive(self.kind, **{f"dims[{i}]": d for i, d in enumerate(self.dims)})
-        if not 0 <= self.axis < len(self.dims):
-            raise ConfigError(f"sum.axis must be in [0, {len(self.dims)}), got {self.axis}")
+    def __post_init__(self, where: str) -> None:
+        where = where or self.kind
+        if not isinstance(self.dims, (list, tuple)) or not self.dims:
+            raise ConfigError(f"{where}.dims: got {self.dims!r}, expected a non-empty list of "
+                              "integers >= 1")
+        for i, d in enumerate(self.dims):
+            check_int(f"{where}.dims[{i}]", d, low=1)
+        object.__setattr__(self, "dims", tuple(self.dims))
+        check_int(f"{where}.axis", self.axis, low=0, high=len(self.dims) - 1)
 
     def check(self, in_width: int, n_features: int) -> None:
         """Raise ``ConfigError`` unless ``prod(dims)`` equals the layer width."""
@@ -189,7 +197,11 @@ def combiner_from_dict(spec: dict[str, Any], where: str = "combiner") -> Combine
     if cls is None:
         raise ConfigError(f"{where}.kind: unknown combiner {kind!r}; use one of "
                           f"{sorted(COMBINERS)}")
-    try:
-        return cls(**fields)
-    except TypeError as exc:
-        raise ConfigError(f"{where}: bad fields for {kind}: {exc}") from exc
+    known = dataclasses.fields(cls)
+    unknown = sorted(set(fields) - {f.name for f in known})
+    missing = [f.name for f in known if f.default is dataclasses.MISSING and f.name not in fields]
+    if unknown or missing:
+        problem = f"unknown key(s) {unknown}" if unknown else f"missing {missing}"
+        raise ConfigError(f"{where}: bad fields for {kind}: {problem}; {kind} takes "
+                          f"{[f.name for f in known]}")
+    return cls(**fields, where=where)

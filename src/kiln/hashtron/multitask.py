@@ -4,7 +4,9 @@
 shape a random network (``settings.layers`` or the task's default) and wrap both in a
 ``HashtronPipeline``. ``train_tasks`` trains a list of tasks with the same settings, one after
 another, and reports each (the spec's "every language trains successfully"): a task that fails
-with a ``KilnError`` is reported as failed and the others still run.
+with a ``KilnError`` is reported as failed and the others still run. Tasks given by name get
+their default options, so ``check_tasks`` refuses, before any trains, task options and the
+tasks that need data files (``kiln train`` trains those, one at a time).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError
 from kiln.hashtron.pipeline import HashtronPipeline, StepReport
 from kiln.hashtron.settings import HashtronSettings, TaskSettings
-from kiln.hashtron.tasks import Task, build_network, load_task
+from kiln.hashtron.tasks import FILE_TASKS, TASK_OPTIONS, Task, build_network, load_task
 
-# Offline tasks that need nothing beyond Kiln's own dependencies.
-DEFAULT_TASKS = ("isalnum", "isdigit", "isupper", "ispunct", "isxdigit", "squareroot",
-                 "majority")
+# The tasks that need no data files and nothing beyond Kiln's own dependencies (digits needs
+# the optional extra kiln-train[digits]).
+DEFAULT_TASKS = ("isalnum", "isdigit", "isupper", "ispunct", "isxdigit", "isspace",
+                 "squareroot", "majority")
 
 
 def build_pipeline(settings: HashtronSettings, seed: int, run_id: str = "",
@@ -89,13 +92,37 @@ def train_task(settings: HashtronSettings, seed: int, run_id: str = "",
         None if np.isnan(r2) else r2, time.perf_counter() - start)
 
 
+def check_tasks(tasks: Sequence[str | TaskSettings], settings: HashtronSettings) -> None:
+    """Raise ``ConfigError`` if a task given by name needs a data file, or if
+    ``settings.task.options`` are set: tasks given by name get their default options."""
+    names = [task for task in tasks if isinstance(task, str)]
+    files = [name for name in names if name in FILE_TASKS]
+    if files:
+        commands = "; ".join(
+            f"kiln train --config hashtron --set hashtron.task.name={name}"
+            + "".join(f" --set hashtron.task.options.{key}={key.upper()}"
+                      for key, option in TASK_OPTIONS[name].items() if option.needs)
+            for name in files)
+        raise ConfigError(f"--tasks: {', '.join(files)} need data files, which kiln "
+                          "hashtron-tasks cannot be given (every task gets its default "
+                          f"options); leave them out and train each alone: {commands}")
+    if names and settings.task.options:
+        raise ConfigError(
+            "hashtron.task.options: kiln hashtron-tasks trains every task with its default "
+            f"options, so it takes none (got {dict(settings.task.options)}); drop them, or "
+            "train the task alone: kiln train --config hashtron --set hashtron.task.name=NAME "
+            "--set hashtron.task.options.KEY=VALUE")
+
+
 def train_tasks(tasks: Sequence[str | TaskSettings] = DEFAULT_TASKS,
                 settings: HashtronSettings | None = None, seed: int = 0,
                 run_id: str = "",
                 on_task: Callable[[TaskReport], None] | None = None) -> list[TaskReport]:
-    """Train each task in turn with ``settings`` (its ``task`` section replaced); returns one
-    report per task, in order. ``on_task`` is called after each (e.g. to log it)."""
+    """Train each task in turn with ``settings`` (its ``task`` section replaced: a name gets
+    the task's default options); returns one report per task, in order. ``on_task`` is called
+    after each (e.g. to log it). ``check_tasks`` runs first."""
     settings = settings or HashtronSettings()
+    check_tasks(tasks, settings)
     reports = []
     for task in tasks:
         task_settings = task if isinstance(task, TaskSettings) else dataclasses.replace(

@@ -50,6 +50,12 @@ def _check_number(where: str, value: Any, *, low: float | None = None,
         raise _fail(where, value, f"a value <= {high}")
 
 
+def check_int(where: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    """Raise ``ConfigError`` naming ``where`` unless ``value`` is an int (not a bool, a float or
+    a string) in ``[low, high]``."""
+    _check_number(where, value, low=low, high=high, integer=True)
+
+
 def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise _fail(where, value, f"one of {list(choices)}")

@@ -17,6 +17,9 @@
 - ``csv`` / ``jsonl``: your own integer features and labels; options ``path``, ``label``
   (column or key, default ``label``) and, for jsonl, ``features`` (key, default ``features``).
 
+``TASK_OPTIONS`` gives each task's options, their types and ranges; ``check_options`` checks
+them (before any data is read), naming ``hashtron.task.options.<key>``.
+
 Image features follow the reference's byte sample: feature ``n`` packs 4 pixels, pixel
 ``hash(n, j, pixels)`` in byte ``j``. Labels are non-negative integers; the network's output
 code must equal the label, so a task needs ``label_bits`` output neurons.
@@ -32,6 +35,7 @@ import math
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +47,7 @@ from kiln.hashtron.combiners import Full, Sum, combiner_from_dict, combiner_to_d
 from kiln.hashtron.datasets import HashtronDataset, isalnum, squareroot
 from kiln.hashtron.hash import hash32
 from kiln.hashtron.network import LayerSpec, Network
-from kiln.hashtron.settings import TaskSettings
+from kiln.hashtron.settings import TaskSettings, check_int
 
 MAX_FEATURE = 2**32 - 1
 # sha256 of the standard MNIST files (gzip), as the reference checks them
@@ -204,6 +208,10 @@ def mnist_idx(root: str | Path, features: int = 80, train_limit: int | None = No
     if not root.is_dir():
         raise DataError(f"mnist_idx: {root} is not a folder; set hashtron.task.options.root to "
                         "the folder holding the MNIST IDX files")
+    for file, digest in (checksums or {}).items():
+        if not isinstance(digest, str):
+            raise ConfigError(f"hashtron.task.options.checksums.{file}: got {digest!r}, "
+                              "expected the file's sha256 as a hex string")
     known = {**MNIST_SHA256, **(checksums or {})}
     out = []
     for prefix, limit in (("train", train_limit), ("t10k", eval_limit)):
@@ -226,18 +234,22 @@ def mnist_idx(root: str | Path, features: int = 80, train_limit: int | None = No
 
 # -- user datasets -----------------------------------------------------------------------
 
-def _int_value(text: Any, where: str, limit: int, what: str) -> int:
-    if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
-        raise DataError(f"{where}: {what} {text!r} is not an integer; features and labels must "
+def _int_value(value: Any, where: str, limit: int, what: str) -> int:
+    """``value`` (a JSON value, or a CSV cell parsed by ``_cell``) as an int in ``[0, limit]``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{where}: {what} {value!r} is not an integer; features and labels must "
                         "be non-negative integers (quantise real values first)")
-    try:
-        value = int(text.strip()) if isinstance(text, str) else int(text)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: {what} {text!r} is not an integer; features and labels must "
-                        "be non-negative integers (quantise real values first)") from None
     if not 0 <= value <= limit:
         raise DataError(f"{where}: {what} {value} is outside [0, {limit}]")
     return value
+
+
+def _cell(text: str) -> int | str:
+    """A CSV cell as an int where it holds one, else the text (which ``_int_value`` refuses)."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        return text
 
 
 def _dataset(name: str, rows: list[list[int]], labels: list[int], where: str) -> HashtronDataset:
@@ -255,7 +267,8 @@ def read_csv(path: str | Path, label: str = "label") -> HashtronDataset:
     integer feature."""
     path = Path(path).expanduser()
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: a byte order mark (as Excel writes) is not part of the first column name
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             header = next(reader, None)
             if header is None:
@@ -275,9 +288,9 @@ def read_csv(path: str | Path, label: str = "label") -> HashtronDataset:
                 if len(row) != len(header):
                     raise DataError(f"{where}: {len(row)} columns, the header has "
                                     f"{len(header)}; every row needs one value per column")
-                labels.append(_int_value(row[li], f"{where} column {label!r}", 2**64 - 1,
-                                         "label"))
-                rows.append([_int_value(v, f"{where} column {header[i]!r}", MAX_FEATURE,
+                labels.append(_int_value(_cell(row[li]), f"{where} column {label!r}",
+                                         2**64 - 1, "label"))
+                rows.append([_int_value(_cell(v), f"{where} column {header[i]!r}", MAX_FEATURE,
                                         "feature") for i, v in enumerate(row) if i != li])
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read CSV {path}: {exc}; check the path and that it is UTF-8 "
@@ -292,7 +305,7 @@ def read_jsonl(path: str | Path, label: str = "label",
     rows: list[list[int]] = []
     labels: list[int] = []
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
@@ -387,47 +400,89 @@ def build_network(layers: Any, seed: int | list[int], label_bits: int | None = N
     return Network.random(specs, np.random.default_rng(seed))
 
 
-_GENERATED: dict[str, Callable[..., HashtronDataset]] = {
-    **{name: (lambda name=name: char_class(name)) for name in ("isalnum", *_CHAR_CLASSES)},
-    "squareroot": lambda n=1024: squareroot(n),
-    "majority": majority,
-    "digits": digits,
+@dataclass(frozen=True)
+class Option:
+    """The values a task option takes: ``kind`` (int, str or dict); ints in ``[low, high]``
+    and a multiple of ``multiple``; None too where ``null``. ``needs`` (what to give) makes the
+    option required; an option left out otherwise gets the loader's default."""
+
+    kind: type = int
+    low: int | None = None
+    high: int | None = None
+    multiple: int = 1
+    null: bool = False
+    needs: str = ""
+
+    def check(self, where: str, value: Any) -> None:
+        """Raise ``ConfigError`` naming ``where`` unless the option takes ``value``."""
+        if value is None and self.null:
+            return
+        if self.kind is int:
+            check_int(where, value, self.low, self.high)
+            if value % self.multiple:
+                raise ConfigError(f"{where}: got {value!r}, expected a multiple of "
+                                  f"{self.multiple}")
+        elif not isinstance(value, self.kind) or value == "":
+            expected = "a non-empty string" if self.kind is str else "a mapping"
+            raise ConfigError(f"{where}: got {value!r}, expected {expected}")
+
+
+_NAME = Option(str)  # a column or key name
+TASK_OPTIONS: dict[str, dict[str, Option]] = {
+    **{name: {} for name in ("isalnum", *_CHAR_CLASSES)},
+    "squareroot": {"n": Option(low=1, high=2**32)},
+    "majority": {"bits": Option(low=4, high=128, multiple=4), "samples": Option(low=1),
+                 "seed": Option(low=0)},
+    "digits": {"features": Option(low=1), "threshold": Option(low=1, high=16, null=True)},
+    "mnist_idx": {"root": Option(str, needs="the folder holding the MNIST IDX files"),
+                  "features": Option(low=1), "train_limit": Option(low=1, null=True),
+                  "eval_limit": Option(low=1, null=True), "checksums": Option(dict, null=True),
+                  "threshold": Option(low=1, high=255, null=True)},
+    "csv": {"path": Option(str, needs="the path of your data file"), "label": _NAME},
+    "jsonl": {"path": Option(str, needs="the path of your data file"), "label": _NAME,
+              "features": _NAME},
 }
-TASK_NAMES = (*_GENERATED, "mnist_idx", "csv", "jsonl")
+TASK_NAMES = tuple(TASK_OPTIONS)
+FILE_TASKS = ("mnist_idx", "csv", "jsonl")  # tasks that read data files you provide
+# Loaders of the tasks split by ``split`` (mnist_idx comes split into train and test).
+_DATASETS: dict[str, Callable[..., HashtronDataset]] = {
+    **{name: partial(char_class, name) for name in ("isalnum", *_CHAR_CLASSES)},
+    "squareroot": squareroot, "majority": majority, "digits": digits,
+    "csv": read_csv, "jsonl": read_jsonl,
+}
 _LAYERS: dict[str, tuple[dict[str, Any], ...]] = {
     "majority": tuple(_spec_to_dict(s) for s in (LayerSpec(16, 0, Sum((16,))), LayerSpec(1))),
 }
 
 
-def _call(name: str, fn: Callable[..., Any], options: dict[str, Any]) -> Any:
-    try:
-        return fn(**options)
-    except TypeError as exc:
-        raise ConfigError(f"hashtron.task.options: bad option for task {name!r}: {exc}") from None
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ``ConfigError`` naming ``hashtron.task.options.<key>`` unless ``options`` are
+    valid options of task ``name`` (see ``TASK_OPTIONS``), the required ones given."""
+    specs = TASK_OPTIONS[name]
+    for key, value in options.items():
+        where = f"hashtron.task.options.{key}"
+        if key not in specs:
+            raise ConfigError(f"{where}: unknown option for task {name!r}; it takes "
+                              f"{', '.join(specs) or 'none'}")
+        specs[key].check(where, value)
+    for key, spec in specs.items():
+        if spec.needs and key not in options:
+            raise ConfigError(f"hashtron.task.options.{key}: the {name} task needs {spec.needs}")
 
 
 def load_task(settings: TaskSettings | None = None) -> Task:
     """Load, split and shape the task ``settings.name`` (see the module doc)."""
     settings = settings or TaskSettings()
     name, options = settings.name, dict(settings.options)
-    if name in _GENERATED:
-        full = _call(name, _GENERATED[name], options)
-        train, eval_ = split(full, settings.eval_fraction, settings.split_seed)
-    elif name == "mnist_idx":
-        if "root" not in options:
-            raise ConfigError("hashtron.task.options.root: the mnist_idx task needs the folder "
-                              "holding the MNIST IDX files")
-        train, eval_ = _call(name, mnist_idx, options)
-    elif name in ("csv", "jsonl"):
-        if "path" not in options:
-            raise ConfigError(f"hashtron.task.options.path: the {name} task needs the path of "
-                              "your data file")
-        reader = read_csv if name == "csv" else read_jsonl
-        full = _call(name, reader, options)
-        train, eval_ = split(full, settings.eval_fraction, settings.split_seed)
-    else:
+    if name not in TASK_OPTIONS:
         raise ConfigError(f"hashtron.task.name: unknown task {name!r}; use one of "
                           f"{list(TASK_NAMES)}")
+    check_options(name, options)
+    if name == "mnist_idx":
+        train, eval_ = mnist_idx(**options)
+    else:
+        full = _DATASETS[name](**options)
+        train, eval_ = split(full, settings.eval_fraction, settings.split_seed)
     bits = max(train.label_bits, 0 if eval_ is None else eval_.label_bits)
     if bits != train.label_bits:
         train = HashtronDataset(train.name, train.features, train.labels, bits)
