@@ -281,8 +281,9 @@ def _sigterm_deferred() -> Iterator[None]:
     """Outside the loop's own handler, a first SIGTERM is noted rather than fatal.
 
     torchrun sends SIGTERM to every rank as soon as one fails; the survivors are then usually
-    unwinding the collective's error, and must live long enough to mark the run failed. A
-    second SIGTERM interrupts; torchrun's SIGKILL after its grace period bounds the rest.
+    unwinding the collective's error, and must live long enough to mark the run failed and
+    print why. A second SIGTERM interrupts; torchrun's SIGKILL after its grace period bounds the
+    rest.
     """
     received: list[int] = []
 
@@ -298,8 +299,13 @@ def _sigterm_deferred() -> Iterator[None]:
         return
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    except BaseException:
+        # A torchrun worker that failed ends as soon as it has reported why: keep noting the
+        # first SIGTERM until then, or the message dies with it (exit -15, nothing printed).
+        if "TORCHELASTIC_RUN_ID" not in os.environ:
+            signal.signal(signal.SIGTERM, previous)
+        raise
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _collective_failure(exc: BaseException) -> bool:
