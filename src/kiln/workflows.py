@@ -43,7 +43,7 @@ from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError, ConfigError, DataError, KilnError, RunError
 from kiln.export import export_bundle
 from kiln.hashtron.multitask import DEFAULT_TASKS, TaskReport, train_tasks
-from kiln.hashtron.tasks import TASK_NAMES, Task
+from kiln.hashtron.tasks import Task
 from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
 from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
 from kiln.jobs.lm_sampling import infill_text, sample_text
@@ -445,11 +445,6 @@ def hashtron_tasks(
             state = "ok" if report.ok else f"FAILED: {report.error}"
             print(f"task {report.task}: {state} ({report.seconds:.1f} s)", file=sys.stderr)
 
-    unknown = [name for name in tasks or () if name not in TASK_NAMES]
-    if unknown:  # before the first task trains, not as a failed report after it
-        raise ConfigError(
-            f"unknown hashtron task(s) {', '.join(unknown)}; the tasks are: {', '.join(TASK_NAMES)}"
-        )
     return train_tasks(
         tasks or list(DEFAULT_TASKS), config.hashtron.to_settings(), config.seed,
         on_task=progress,

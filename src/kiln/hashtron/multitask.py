@@ -93,9 +93,13 @@ def train_task(settings: HashtronSettings, seed: int, run_id: str = "",
 
 
 def check_tasks(tasks: Sequence[str | TaskSettings], settings: HashtronSettings) -> None:
-    """Raise ``ConfigError`` if a task given by name needs a data file, or if
+    """Raise ``ConfigError`` if a task given by name is unknown or needs a data file, or if
     ``settings.task.options`` are set: tasks given by name get their default options."""
     names = [task for task in tasks if isinstance(task, str)]
+    unknown = [name for name in names if name not in TASK_OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown hashtron task(s) {', '.join(unknown)}; the tasks are: "
+                          f"{', '.join(TASK_OPTIONS)}")
     files = [name for name in names if name in FILE_TASKS]
     if files:
         commands = "; ".join(
