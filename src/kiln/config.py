@@ -64,28 +64,24 @@ class FilePath:
         self.keywords = keywords
 
 
-def _takes_a_bool(annotation: Any) -> bool:
-    """Whether a field's type admits a bool, looking through Annotated, unions and Literal."""
-    if annotation is bool:
-        return True
-    if typing.get_origin(annotation) is Literal:
-        return any(isinstance(v, bool) for v in typing.get_args(annotation))
-    return any(_takes_a_bool(arg) for arg in typing.get_args(annotation))
-
-
-def _kinds(annotation: Any) -> set[Any]:
-    """The container types (list, dict, ...) a field's type is or admits, through unions."""
+def _type_parts(annotation: Any) -> list[Any]:
+    """A field's type and everything inside it: union members, container origins and
+    arguments, Annotated marks, Literal values."""
+    parts = [annotation]
     origin = typing.get_origin(annotation)
-    found = {origin} if origin is not None else set()
+    if origin is not None:
+        parts.append(origin)
     for arg in typing.get_args(annotation):
-        found |= _kinds(arg)
-    return found
+        parts += _type_parts(arg)
+    return parts
+
+
+def _takes_a_bool(annotation: Any) -> bool:
+    return any(p is bool or isinstance(p, bool) for p in _type_parts(annotation))
 
 
 def _takes_a_number(annotation: Any) -> bool:
-    if annotation in (int, float):
-        return True
-    return any(_takes_a_number(arg) for arg in typing.get_args(annotation))
+    return any(p is int or p is float for p in _type_parts(annotation))
 
 
 class Section(BaseModel):
@@ -899,7 +895,7 @@ def _check_known_path(parts: list[str], item: str) -> None:
         mapping = annotation is dict or typing.get_origin(annotation) is dict  # free-form keys
         if depth + 1 < len(parts) and not (section or mapping):
             key = ".".join(parts[: depth + 1])
-            if _kinds(annotation) & {list}:
+            if any(p is list for p in _type_parts(annotation)):
                 raise ConfigError(
                     f"override {item!r}: {key} is a list; an override sets it whole, e.g. "
                     f"--set '{key}=[...]' (YAML flow style)"
@@ -1011,20 +1007,12 @@ def _collect_paths(
         value, key = getattr(section, name), f"{prefix}{name}"
         # pydantic keeps a plain Annotated field's marks in field.metadata, a union's in its type
         marks = [
-            m for m in (*field.metadata, *_metadata(field.annotation)) if isinstance(m, FilePath)
+            m for m in (*field.metadata, *_type_parts(field.annotation)) if isinstance(m, FilePath)
         ]
         if marks and isinstance(value, str) and value not in marks[0].keywords:
             found.append(PathSetting(key, value, lambda v, o=section, n=name: setattr(o, n, v)))
         children = value if isinstance(value, list) else [value]
         for index, child in enumerate(children):
             if isinstance(child, BaseModel):
-                where = f"{key}.{index}." if isinstance(value, list) else f"{key}."
+                where = f"{key}[{index}]." if isinstance(value, list) else f"{key}."
                 _collect_paths(child, where, set(), found)
-
-
-def _metadata(annotation: Any) -> list[Any]:
-    """The Annotated metadata found anywhere in a field's type (``X | None`` included)."""
-    found = list(getattr(annotation, "__metadata__", ()))
-    for arg in typing.get_args(annotation):
-        found += _metadata(arg)
-    return found
