@@ -308,8 +308,9 @@ def test_workers_whose_launcher_is_killed_checkpoint_and_stop(
     while any(_alive(pid) for pid in workers):
         assert time.monotonic() < deadline, "the workers outlived their launcher"
         time.sleep(0.1)
-    assert (run / "status").read_text().strip() == "interrupted"
-    assert "stopped by signal 15" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert (run / "status").read_text().strip() == "interrupted", log
+    assert "stopped by signal 15" in log, log
     Run.open(run, echo=False).claim()  # the lock went with them
 
 

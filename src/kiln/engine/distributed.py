@@ -267,13 +267,27 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _stop_with_the_launcher() -> None:
-    """Have Linux send this torchrun worker SIGTERM when its agent dies, even by SIGKILL: the
-    worker then checkpoints and stops as on Ctrl-C, instead of training on unsupervised and
-    holding the run's lock. Where there is no prctl nothing changes."""
+    """Stop this torchrun worker as on one SIGTERM when its agent dies, even by SIGKILL: it then
+    checkpoints and stops, instead of training on unsupervised and holding the run's lock.
+
+    Linux sends the death signal once per parent *thread* that ends, so a multithreaded agent's
+    death can arrive twice, which a stop would take for a second Ctrl-C. The death signal is
+    therefore SIGUSR1, turned into a single SIGTERM here. Where there is no prctl nothing
+    changes.
+    """
     name = ctypes.util.find_library("c")
     prctl = getattr(ctypes.CDLL(name), "prctl", None) if name else None
-    if prctl is not None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if prctl is None:
+        return
+    stopping: list[bool] = []
+
+    def launcher_died(_signum: int, _frame: FrameType | None) -> None:
+        if not stopping:
+            stopping.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR1, launcher_died)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGUSR1)
 
 
 @contextlib.contextmanager
