@@ -46,15 +46,20 @@ def without_nproc(args: list[str]) -> list[str]:
 def check_launch(config: Config, nproc: int) -> None:
     """What every worker would refuse, refused once before torchrun starts them: a one-process
     strategy, a backend this device lacks, a world size that does not split the global batch."""
-    if nproc > 1 and config.strategy.name not in ("ddp", "fsdp"):
+    from kiln.engine.distributed import (  # torch: imported only when launching
+        DISTRIBUTED,
+        backend_for,
+        check_world,
+        resolve_world,
+    )
+
+    if nproc > 1 and config.strategy.name not in DISTRIBUTED:
         raise ConfigError(
             f"--nproc {nproc} needs strategy.name ddp or fsdp (this config has "
             f"{config.strategy.name!r}); add --set strategy.name=ddp"
         )
-    from kiln.engine.distributed import backend_for, check_world, resolve_world  # torch: lazily
-
     resolved = resolve_config(config)
-    if resolved.strategy.name in ("ddp", "fsdp"):
+    if resolved.strategy.name in DISTRIBUTED:
         backend_for(resolved)
     check_world(resolve_world(resolved, nproc), nproc)
 

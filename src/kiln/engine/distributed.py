@@ -37,6 +37,7 @@ from kiln.checkpoint import CheckpointInfo, load_checkpoint, load_latest_valid, 
 from kiln.config import Config
 from kiln.engine.placement import Local
 from kiln.errors import ConfigError, KilnError
+from kiln.launch import under_torchrun
 from kiln.run import Run
 
 DISTRIBUTED = ("ddp", "fsdp")
@@ -231,7 +232,7 @@ def session(config: Config) -> Iterator[Local]:
         return
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     backend = backend_for(config)
-    if "TORCHELASTIC_RUN_ID" in os.environ:
+    if under_torchrun():
         _stop_with_the_launcher()
     # Without torchrun: a group of one on a free local port.
     init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
@@ -316,7 +317,7 @@ def _sigterm_deferred() -> Iterator[None]:
     except BaseException:
         # A torchrun worker that failed ends as soon as it has reported why: keep noting the
         # first SIGTERM until then, or the message dies with it (exit -15, nothing printed).
-        if "TORCHELASTIC_RUN_ID" not in os.environ:
+        if not under_torchrun():
             signal.signal(signal.SIGTERM, previous)
         raise
     signal.signal(signal.SIGTERM, previous)
