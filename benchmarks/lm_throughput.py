@@ -282,6 +282,7 @@ def run_minimal(spec: Spec, config: Config, batches: list[torch.Tensor], rnd: in
         lr=opt_cfg.lr,
         betas=opt_cfg.betas,
         eps=opt_cfg.eps,
+        fused=True,  # torch's one-pass kernel, as Kiln's build_optimizer picks on CPU and CUDA
     )
     warm, floor, total = sched_cfg.warmup_steps, sched_cfg.min_lr_ratio, spec.total_steps
 
