@@ -16,7 +16,8 @@ from kiln import workflows
 from kiln.config import Config, resolve_config
 from kiln.errors import RunError
 from kiln.fsio import sha256_file
-from kiln.run import INPUTS, LOCK, SNAPSHOT, Run, list_runs
+from kiln.repro import software_versions
+from kiln.run import INPUTS, LOCK, SNAPSHOT, SOFTWARE, Run, list_runs
 
 HOLD_THE_LOCK = """
 import sys, time
@@ -84,6 +85,22 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text(json.dumps({"step": 7, "train_accuracy": 0.9}) + "\n")
     (listed,) = list_runs(tmp_path)
     assert (listed["step"], listed["loss"]) == (7, None)
+
+
+def test_resuming_under_other_software_logs_a_warning_naming_what_changed(
+    tmp_path: Path, smoke_config: Callable[..., Config]
+) -> None:
+    run = Run.create(resolve_config(smoke_config()), echo=False)
+    assert json.loads((run.path / SOFTWARE).read_text()) == software_versions()
+    run.note_software_changes()  # the same software: nothing to say
+    assert "warning" not in (run.path / "train.log").read_text()
+    (run.path / SOFTWARE).write_text(json.dumps({**software_versions(), "torch": "2.0.0"}))
+    run.note_software_changes()
+    run.close()
+    log = (run.path / "train.log").read_text()
+    assert "warning: resuming under other software" in log
+    assert f"torch 2.0.0 -> {software_versions()['torch']}" in log
+    assert "kiln " not in log.split("warning:")[1].split("):")[0]  # only what changed is named
 
 
 def test_resume_refuses_input_files_that_changed_since_the_start(

@@ -1,13 +1,19 @@
-"""Reproducibility: seeding, RNG capture and restore, determinism flags, thread pinning."""
+"""Reproducibility: seeding, RNG capture and restore, determinism flags, thread pinning, and
+the software versions that decide how operations round."""
 
 from __future__ import annotations
 
 import os
+import platform
 import random
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+import kiln
 
 
 def pin_threads(threads: int) -> None:
@@ -52,3 +58,29 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def software_versions() -> dict[str, str | None]:
+    """Besides the machine and the thread count, what decides how each operation rounds."""
+    return {
+        "kiln": kiln.__version__,
+        "kiln_commit": source_commit(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def source_commit() -> str | None:
+    """The git commit of Kiln's source tree, when it is a checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(kiln.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -5,6 +5,7 @@
       status                 running | completed | failed | interrupted
       lock                   held by the process training the run (its pid inside)
       inputs.json            SHA-256 of each input file the config names (checked on resume)
+      software.json          Kiln (and its commit), torch and Python versions at the start
       train.log              human-readable log
       metrics.jsonl          one JSON object per logged step
       metrics.json           summary: final and best values, steps, tokens, wall time
@@ -29,11 +30,13 @@ import yaml
 from kiln.config import Config, path_settings, validate_config
 from kiln.errors import RunError
 from kiln.fsio import atomic_write, sha256_file
+from kiln.repro import software_versions
 
 Status = Literal["running", "completed", "failed", "interrupted"]
 SNAPSHOT = "config_snapshot.yaml"
 LOCK = "lock"
 INPUTS = "inputs.json"
+SOFTWARE = "software.json"
 
 
 def new_run_id(config: Config) -> str:
@@ -75,6 +78,7 @@ class Run:
         (path / "checkpoints").mkdir()
         atomic_write(path / SNAPSHOT, config.to_yaml())
         atomic_write(path / INPUTS, json.dumps(input_hashes(config), indent=2, sort_keys=True))
+        atomic_write(path / SOFTWARE, json.dumps(software_versions(), indent=2, sort_keys=True))
         run = cls(path, config, echo=echo)
         run.claim()
         run.set_status("running")
@@ -136,6 +140,24 @@ class Run:
                     "so resuming would train on other data; put the original file back, or "
                     "start a new run"
                 )
+
+    def note_software_changes(self) -> None:
+        """Log a warning when the run resumes under other software than it started with: from
+        here on its steps can round differently from an uninterrupted run's (README,
+        Determinism). Runs from before software.json are not checked."""
+        try:
+            started = json.loads((self.path / SOFTWARE).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return
+        now = software_versions()
+        changed = [f"{k} {started.get(k)} -> {v}" for k, v in sorted(now.items())
+                   if started.get(k) != v]
+        if changed:
+            self.log(
+                f"warning: resuming under other software than run {self.id} started with "
+                f"({', '.join(changed)}): the steps from here can differ in their last bits from "
+                "an uninterrupted run's; resume with the original versions for exact equality"
+            )
 
     def status(self) -> str:
         """The status word, or 'unknown' if the file is missing."""

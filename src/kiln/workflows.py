@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import platform
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
 from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
-from kiln.repro import pin_threads, seed_everything, set_determinism
+from kiln.repro import pin_threads, seed_everything, set_determinism, source_commit
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
 from kiln.sharded_checkpoint import with_full_model
 from kiln.streaming.executor import StreamedTraining
@@ -121,6 +120,7 @@ def resume(run_dir: Path, *, echo: bool = True) -> TrainOutcome:
     with session(run.config) as placement:
         check_world(run.config, placement.world_size)
         run.set_status("running")
+        run.note_software_changes()
         return _train_in(run, resume=True, placement=placement)
 
 
@@ -362,7 +362,7 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         "torch_version": torch.__version__,
         "safetensors_version": safetensors.__version__,
         "python_version": platform.python_version(),
-        "source_commit": _source_commit(),
+        "source_commit": source_commit(),
         "run_id": run_dir.name,
         "checkpoint": info.path.name,
         "selected_by": which,
@@ -409,22 +409,6 @@ def _run_job(run_dir: Path) -> str:
     run = Run.open(run_dir, echo=False)
     run.close()
     return run.config.job
-
-
-def _source_commit() -> str | None:
-    """The git commit of Kiln's source tree, when it is a checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(kiln.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 # ---------------------------------------------------------------------- hashtron tasks
