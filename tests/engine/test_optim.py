@@ -83,6 +83,18 @@ def test_weight_decay_only_on_matrices() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_cpu_parameters_get_the_fused_kernel(name: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    optimizer = build_optimizer(model, OptimizerSection(name=name))
+    assert all(group["fused"] for group in optimizer.param_groups)
+
+
+def test_parameters_on_another_device_leave_torch_its_own_choice() -> None:
+    optimizer = build_optimizer(nn.Linear(4, 4, device="meta"), OptimizerSection())
+    assert not any(group["fused"] for group in optimizer.param_groups)
+
+
 def test_regularization_terms_exact_values() -> None:
     model = nn.Linear(2, 1)
     with torch.no_grad():

@@ -382,6 +382,9 @@ class FollowerRun(Run):
     def check_inputs(self) -> None:
         pass  # rank 0 checks them
 
+    def note_software_changes(self) -> None:
+        pass  # rank 0 notes them
+
     def log(self, message: str, *, echo: bool = True) -> None:
         pass
 
