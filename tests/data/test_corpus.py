@@ -61,6 +61,18 @@ def test_find_files_missing_root_and_no_match(tmp_path: Path) -> None:
     assert "**/*.py" in str(info.value)
 
 
+def test_a_source_that_matches_nothing_is_an_error_beside_others(tmp_path: Path) -> None:
+    _write(tmp_path, {"a.py": "x = 1\n", "docs/b.md": "text"})
+    good = Source(str(tmp_path))
+    typo = Source(str(tmp_path / "docs"), include=("*.rst",))
+    with pytest.raises(DataError, match=r"data\.sources\[1\]: .*docs .*\*\.rst.*matched nothing"):
+        find_files([good, typo])
+    # A source whose files an earlier source already selected still matched them: no error.
+    assert _rel(find_files([good, Source(str(tmp_path), include=("a.py",))]), tmp_path) == [
+        "a.py"
+    ]
+
+
 def test_glob_match() -> None:
     assert glob_match("a.py", "**/*.py")
     assert glob_match("x/y/a.py", "**/*.py")

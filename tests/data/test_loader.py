@@ -171,6 +171,24 @@ def test_state_from_other_data_is_rejected(tmp_path: Path) -> None:
             bigger.load_state_dict({**bigger.state_dict(), "position": None})
 
 
+def test_state_from_other_content_of_the_same_size_is_rejected(tmp_path: Path) -> None:
+    stream = _stream(tmp_path, 200)
+    with _loader(stream, data_id="a" * 64, source="the code corpus") as loader:
+        loader.next_batch()
+        state = loader.state_dict()
+    # Same length, so the same number of windows: only the content id tells the data apart.
+    edited = _loader(stream, data_id="b" * 64, source="the code corpus")
+    with edited, pytest.raises(DataError, match=r"for the code corpus .*data: saved 'a{16}', now"):
+        edited.load_state_dict(state)
+    with _loader(stream, data_id="a" * 64) as same:
+        same.load_state_dict(state)
+        assert same.position == 3
+    legacy = {k: v for k, v in state.items() if k != "data"}  # a checkpoint from before the id
+    with _loader(stream, data_id="b" * 64) as edited:
+        edited.load_state_dict(legacy)
+        assert edited.position == 3
+
+
 def test_too_little_data(tmp_path: Path) -> None:
     stream = _stream(tmp_path, 40)  # 4 windows of 8
     with pytest.raises(DataError, match=r"has 40 tokens, 4 windows .* needs 6 windows \(49 tokens"):

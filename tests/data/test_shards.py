@@ -134,6 +134,18 @@ def test_reuse_without_rebuild(tmp_path: Path) -> None:
     assert second.tokenizer.fingerprint() == first.tokenizer.fingerprint()
 
 
+def test_a_vocabulary_the_data_cannot_fill_is_reported(tmp_path: Path) -> None:
+    _corpus(tmp_path / "src", 4)
+    logs: list[str] = []
+    data = _prepare(tmp_path / "src", tmp_path / "cache", logs, vocab_size=50_000)
+    assert data.tokenizer.vocab_size < 50_000
+    assert any(
+        f"the tokenizer has {data.tokenizer.vocab_size} tokens, fewer than "
+        "data.tokenizer.vocab_size 50000" in line
+        for line in logs
+    )
+
+
 def test_content_or_settings_change_gives_a_new_key(tmp_path: Path) -> None:
     files = _corpus(tmp_path / "src", 10)
     cache = tmp_path / "cache"
@@ -211,6 +223,13 @@ def test_tiny_corpus_still_has_a_val_split(tmp_path: Path) -> None:
     files[0].unlink()
     with pytest.raises(DataError, match="train split is empty"):
         _prepare(tmp_path / "src", tmp_path / "cache", val_fraction=0.001)
+
+
+def test_a_single_document_asks_for_more_files_not_a_lower_val_fraction(tmp_path: Path) -> None:
+    _corpus(tmp_path / "src", 3)
+    with pytest.raises(DataError, match=r"1 usable document .*at least 2 are needed") as info:
+        _prepare(tmp_path / "src", tmp_path / "cache", val_fraction=0.001, max_files=1)
+    assert "val_fraction" not in str(info.value)
 
 
 def test_unusable_corpus(tmp_path: Path) -> None:

@@ -94,3 +94,54 @@ def test_cot_val_records_too_short_for_a_window_are_reported(
                           "data.seq_len=256")
     run = workflows.train(config, echo=False).run_dir
     assert "no val_cot_loss is reported; add records" in (run / "train.log").read_text()
+
+
+def _code_corpus(root: Path, files: int = 12) -> Path:
+    """A user's folder of small Python modules (enough tokens for the smoke config's windows)."""
+    root.mkdir(parents=True)
+    for i in range(files):
+        lines = [f"def func_{i}_{j}(x, y):\n    return x * {j} + y - {i}\n\n" for j in range(30)]
+        (root / f"mod_{i:02d}.py").write_text("".join(lines), encoding="utf-8")
+    return root
+
+
+def test_resume_on_an_edited_corpus_is_refused(smoke_config: Callable[..., Config],
+                                               tmp_path: Path) -> None:
+    corpus = _code_corpus(tmp_path / "src")
+    config = smoke_config("training.max_steps=2", "checkpoint.every_steps=1",
+                          f"data.sources=[{{root: {corpus}}}]", f"data.cache_dir={tmp_path}/c",
+                          "data.tokenizer.train_bytes=2000")  # mod_11 stays out of it
+    run = workflows.train(config, echo=False).run_dir
+    (run / "status").write_text("interrupted\n")
+    edited = corpus / "mod_11.py"
+    # Two functions swap their constants: the same tokens elsewhere, so the same tokenizer and
+    # number of windows; only the content tells the data apart.
+    swapped = edited.read_text().replace("x * 0 +", "x * T +").replace("x * 1 +", "x * 0 +")
+    edited.write_text(swapped.replace("x * T +", "x * 1 +"), encoding="utf-8")
+    with pytest.raises(DataError, match=r"for the code corpus does not fit .*data: saved"):
+        workflows.resume(run, echo=False)
+
+
+def test_a_val_split_shorter_than_a_window_is_a_clear_error(
+    smoke_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    corpus = _code_corpus(tmp_path / "src")
+    (corpus / "zz_tiny.py").write_text("x = 1\n")  # last in order: the held-out document
+    config = smoke_config(f"data.sources=[{{root: {corpus}}}]", f"data.cache_dir={tmp_path}/c",
+                          "data.val_fraction=0.0001")
+    with pytest.raises(DataError, match=r"val split .* fewer than one window of seq_len \+ 1"):
+        workflows.train(config, echo=False)
+    assert not list(Path(config.run.root).iterdir())  # the failed run leaves no directory
+
+
+def test_evaluating_a_run_whose_corpus_changed_its_tokenizer_is_refused(
+    smoke_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    corpus = _code_corpus(tmp_path / "src")
+    config = smoke_config("training.max_steps=1", f"data.sources=[{{root: {corpus}}}]",
+                          f"data.cache_dir={tmp_path}/c")
+    run = workflows.train(config, echo=False).run_dir
+    for i in range(4):  # new words: the tokenizer trained on the corpus now differs
+        (corpus / f"new_{i}.py").write_text(f"class Widget{i}(Base):\n    name = 'qwerty'\n" * 50)
+    with pytest.raises(DataError, match=r"another tokenizer .* than the one this run trained"):
+        workflows.evaluate_run(run)

@@ -99,28 +99,37 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
 
 
 def find_files(sources: Sequence[Source], max_files: int | None = None) -> list[Path]:
-    """The files the sources select: sorted by path parts, deduplicated, at most ``max_files``."""
+    """The files the sources select: sorted by path parts, deduplicated, at most ``max_files``.
+
+    A source that selects no file at all is an error, even beside sources that do: its data
+    would be missing from the corpus without a word.
+    """
     found: dict[Path, Path] = {}  # resolved -> as found, so overlapping sources count once
     empty: list[str] = []
-    for source in sources:
+    for number, source in enumerate(sources):
         root = resolve_root(source.root)
         if not root.is_dir():
             raise DataError(
                 f"corpus root {source.root!r} ({root}) is not a folder; "
-                "fix data.sources[].root or create it"
+                f"fix data.sources[{number}].root or create it"
             )
-        before = len(found)
+        matched = 0
         for path, relative in _walk(root):
             if any(glob_match(relative, p) for p in source.include) and not any(
                 glob_match(relative, p) for p in source.exclude
             ):
                 found.setdefault(path.resolve(), path)
-        if len(found) == before:
-            empty.append(f"{root} (include={list(source.include)}, exclude={list(source.exclude)})")
-    if not found:
+                matched += 1
+        if not matched:
+            empty.append(
+                f"data.sources[{number}]: {root} (include={list(source.include)}, "
+                f"exclude={list(source.exclude)})"
+            )
+    if empty:
         raise DataError(
-            "no corpus files found: " + "; ".join(empty) + " matched nothing; "
-            "check data.sources roots and include/exclude patterns"
+            "no corpus files found for " + "; ".join(empty) + " (matched nothing); "
+            "check that source's root and include/exclude patterns (paths are matched relative "
+            "to the root, '*' stays within one folder, '**/' spans folders), or remove it"
         )
     files = sorted(found.values(), key=lambda p: p.parts)
     return files if max_files is None else files[:max_files]

@@ -41,7 +41,13 @@ class Stream(Protocol):
     def read(self, start: int, length: int) -> np.ndarray: ...
 
 # Fields that identify the window sequence: a checkpoint is only valid for the same ones.
-_IDENTITY = ("seq_len", "num_windows", "seed", "shuffle")
+# ``data`` (the stream's content id) is absent from checkpoints of older versions: not checked.
+_IDENTITY = ("seq_len", "num_windows", "seed", "shuffle", "data")
+
+
+def _short(value: Any) -> Any:
+    """A content id cut to 16 characters (as token cache folders are named); others as is."""
+    return value[:16] if isinstance(value, str) else value
 
 
 @dataclass
@@ -151,8 +157,13 @@ class WindowLoader:
         prefetch: int = 2,
         transform: WindowTransform | None = None,
         source: str = "the token stream",
+        data_id: str | None = None,
     ) -> None:
-        """``source`` names the stream in errors (the code corpus, the CoT records, ...)."""
+        """``source`` names the stream in errors (the code corpus, the CoT records, ...).
+
+        ``data_id`` identifies the stream's content (a token cache key): a saved state only
+        loads into a loader of the same content, so a resume never trains on changed data.
+        """
         if seq_len < 1 or samples_per_step < 1 or prefetch < 0 or seed < 0:
             raise ValueError("seq_len and samples_per_step must be >= 1, prefetch and seed >= 0")
         if not 0 <= rank < world_size:
@@ -176,6 +187,8 @@ class WindowLoader:
             lo=rank * samples_per_step,
             hi=(rank + 1) * samples_per_step,
         )
+        self._data_id = data_id
+        self._source = source
         self._prefetch = prefetch
         self._prefetcher: _Prefetcher | None = None
         self._stop_prefetcher: weakref.finalize | None = None
@@ -226,19 +239,20 @@ class WindowLoader:
             "num_windows": schedule.num_windows,
             "seed": schedule.seed,
             "shuffle": schedule.shuffle,
+            "data": self._data_id,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``; world size and samples per step may differ from its run's."""
         mine = self.state_dict()
         changed = [
-            f"{k}: saved {state.get(k)!r}, now {mine[k]!r}"
+            f"{k}: saved {_short(state.get(k))!r}, now {_short(mine[k])!r}"
             for k in _IDENTITY
-            if state.get(k) != mine[k]
+            if state.get(k) != mine[k] and not (k == "data" and state.get(k) is None)
         ]
         if changed:
             raise DataError(
-                "the checkpoint's data loader state does not fit this data ("
+                f"the checkpoint's data loader state for {self._source} does not fit this data ("
                 + ", ".join(changed)
                 + "): the token data or data settings changed since it was saved; "
                 "restore them or start a new run"

@@ -14,6 +14,7 @@ holds, therefore fixes it, and resume, prefetching and any world size give the s
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -274,6 +275,12 @@ class CotData:
             tokens += t
             roles += r
         return cls(ArrayStream(np.array(tokens, dtype=np.int64)), np.array(roles), len(records))
+
+    def content_id(self) -> str:
+        """SHA-256 of the packed tokens and their roles: what a resumed loader must see again."""
+        digest = hashlib.sha256(self.stream.read(0, len(self.stream)).astype("<i8").tobytes())
+        digest.update(self.roles.astype("<i8").tobytes())
+        return digest.hexdigest()
 
 
 def split_cot_records(

@@ -251,6 +251,12 @@ def _scan(
     key.update(json.dumps(tail, sort_keys=True).encode())
     if params["val_fraction"] > 0 and all(doc.split == "train" for doc in docs):
         docs[-1] = replace(docs[-1], split="val")
+    if len(docs) == 1:
+        raise DataError(
+            f"the train split is empty: the corpus has 1 usable document ({docs[0].path}), "
+            "which is held out for validation; at least 2 are needed: add files, raise "
+            "data.max_files or widen data.sources"
+        )
     if all(doc.split == "val" for doc in docs):
         raise DataError(
             f"the train split is empty: all {len(docs)} documents went to val "
@@ -309,6 +315,13 @@ def _build(
         params["min_frequency"],
     )
     tokenizer.save(folder / TOKENIZER)
+    if tokenizer.vocab_size < params["vocab_size"]:
+        log(
+            f"note: the tokenizer has {tokenizer.vocab_size} tokens, fewer than "
+            f"data.tokenizer.vocab_size {params['vocab_size']}: no other pair occurs "
+            f"min_frequency ({params['min_frequency']}) times in the training text; the model "
+            "uses the smaller vocabulary (add data to get more)"
+        )
     dtype_name = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
     dtype = _DTYPES[dtype_name]
     writers = {s: _ShardWriter(folder, s, params["shard_tokens"], dtype) for s in SPLITS}

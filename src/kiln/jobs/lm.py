@@ -27,7 +27,7 @@ from kiln.data.objectives import (
 from kiln.data.shards import TokenData, prepare_token_data
 from kiln.data.tokenizer import KilnTokenizer
 from kiln.engine.distributed import global_batch_size
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, DataError
 from kiln.eval.perplexity import token_cross_entropy, validation_windows
 from kiln.fsio import atomic_write
 from kiln.jobs.lm_eval import LMEvaluator
@@ -147,13 +147,19 @@ class LMJob:
         tokenizer_copy = run_dir / TOKENIZER_FILE
         if not tokenizer_copy.exists():
             atomic_write(tokenizer_copy, self.tokenizer.to_json_str())
+        elif KilnTokenizer.load(tokenizer_copy).fingerprint() != self.tokenizer.fingerprint():
+            raise DataError(
+                f"the corpus now gives another tokenizer ({self.data.root / TOKENIZER_FILE}) "
+                f"than the one this run trained with ({tokenizer_copy}): the files under "
+                "data.sources changed since the run started; restore them, or start a new run"
+            )
         self.model = build_model(config, self.tokenizer.vocab_size)
         weights, fim, role_weights = objective_settings(config)
         seq_len = config.data.seq_len
         code_windows, cot_windows = step_split(config)
 
         def loader(
-            stream: Stream, samples: int, transform: WindowTransform, source: str
+            stream: Stream, samples: int, transform: WindowTransform, source: str, data_id: str
         ) -> WindowLoader:
             return WindowLoader(
                 stream,
@@ -164,6 +170,7 @@ class LMJob:
                 prefetch=config.data.prefetch,
                 transform=transform,
                 source=source,
+                data_id=data_id,
             )
 
         train_stream, val_stream = self.data.split("train"), self.data.split("val")
@@ -172,10 +179,20 @@ class LMJob:
         val_count = ev.max_batches * eval_batch_size
         code = CodeWindows(self.tokenizer, weights, fim, config.seed)
         code_val = CodeWindows(self.tokenizer, weights, fim, config.seed, validation=True)
-        loaders = {"code": loader(train_stream, code_windows, code, "the code corpus")}
+        loaders = {
+            "code": loader(
+                train_stream, code_windows, code, "the code corpus", self.data.index["key"]
+            )
+        }
         val_windows = [
             validation_windows(val_stream, seq_len, val_count, code_val)
         ]
+        if not val_windows[0]:
+            raise DataError(
+                f"the corpus val split ({self.data.root}) has {len(val_stream):,} tokens, fewer "
+                f"than one window of seq_len + 1 = {seq_len + 1}, so no val_loss can be "
+                "measured; raise data.val_fraction, lower data.seq_len or add files"
+            )
         if cot_windows:
             records = load_cot_records(config.objectives.cot.path)
             train, val = split_cot_records(records, config.objectives.cot.val_fraction, config.seed)
@@ -186,6 +203,7 @@ class LMJob:
                 cot_windows,
                 CotWindows(cot_train, seq_len, role_weights, weights),
                 f"the chain-of-thought training records ({config.objectives.cot.path})",
+                cot_train.content_id(),
             )
             val_cot = CotWindows(cot_val, seq_len, role_weights, weights)
             val_windows.append(
