@@ -86,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     config.training.micro_batch_size = args.micro_batch
     config.strategy.name = args.strategy
     with session(config) as placement:
-        config = resolve_world(config, placement)
+        config = resolve_world(config, placement.world_size)
         device = placement.device(spec.device)
         run = create_run(config, placement, echo=False)
         torch.manual_seed(spec.seed)

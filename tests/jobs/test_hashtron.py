@@ -308,7 +308,7 @@ def test_multi_task_command_exits_2_when_a_task_fails() -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--tasks", "isalnum,csv"), "--tasks: csv need data files"),
+    (("--tasks", "isalnum,csv"), "--tasks: csv needs a data file"),
     (("--tasks", "isalnum,squareroot", "--set", "hashtron.task.options.n=64"),
      "hashtron.task.options: kiln hashtron-tasks trains every task with its default options"),
 ])

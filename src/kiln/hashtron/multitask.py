@@ -107,7 +107,8 @@ def check_tasks(tasks: Sequence[str | TaskSettings], settings: HashtronSettings)
             + "".join(f" --set hashtron.task.options.{key}={key.upper()}"
                       for key, option in TASK_OPTIONS[name].items() if option.needs)
             for name in files)
-        raise ConfigError(f"--tasks: {', '.join(files)} need data files, which kiln "
+        need = "needs a data file" if len(files) == 1 else "need data files"
+        raise ConfigError(f"--tasks: {', '.join(files)} {need}, which kiln "
                           "hashtron-tasks cannot be given (every task gets its default "
                           f"options); leave them out and train each alone: {commands}")
     if names and settings.task.options:
