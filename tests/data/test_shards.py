@@ -292,3 +292,11 @@ def test_changed_file_during_build_is_an_error(
     with pytest.raises(DataError, match=r"mod_00\.py changed while token shards were built"):
         _prepare(tmp_path / "src", tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # the temporary folder is gone
+
+
+def test_a_cache_dir_that_is_a_file_names_the_setting(tmp_path: Path) -> None:
+    _corpus(tmp_path / "src", 4)
+    occupied = tmp_path / "cache"
+    occupied.write_text("not a folder")
+    with pytest.raises(DataError, match=rf"token cache in {occupied} .*fix data.cache_dir"):
+        _prepare(tmp_path / "src", occupied)

@@ -210,7 +210,13 @@ def prepare_token_data(
             return data
     tmp = cache_dir / f".tmp-{key}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed process that had our pid
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise DataError(
+            f"cannot make the token cache in {cache_dir} ({exc.strerror or exc}); fix "
+            "data.cache_dir: a folder Kiln can write to (it is created if missing)"
+        ) from exc
     try:
         index = _build(docs, stats, key, params, tmp, log)
         try:
