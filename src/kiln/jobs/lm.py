@@ -147,7 +147,7 @@ class LMJob:
         tokenizer_copy = run_dir / TOKENIZER_FILE
         if not tokenizer_copy.exists():
             atomic_write(tokenizer_copy, self.tokenizer.to_json_str())
-        elif KilnTokenizer.load(tokenizer_copy).fingerprint() != self.tokenizer.fingerprint():
+        elif load_run_tokenizer(run_dir).fingerprint() != self.tokenizer.fingerprint():
             raise DataError(
                 f"the corpus now gives another tokenizer ({self.data.root / TOKENIZER_FILE}) "
                 f"than the one this run trained with ({tokenizer_copy}): the files under "
