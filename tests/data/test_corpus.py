@@ -112,6 +112,26 @@ def test_iter_documents_skips_and_counts_bad_files(tmp_path: Path) -> None:
     assert stats.bytes_read == len("print('héllo')\n".encode()) + len("x = 2\n")
 
 
+def test_a_broken_symlink_is_found_and_counted_as_unreadable(tmp_path: Path) -> None:
+    _write(tmp_path, {"a.py": "a = 1\n"})
+    (tmp_path / "gone.py").symlink_to(tmp_path / "missing.py")
+    (tmp_path / "alias.py").symlink_to(tmp_path / "a.py")
+    files = find_files([Source(str(tmp_path))])
+    assert _rel(files, tmp_path) == ["a.py", "gone.py"]  # the alias resolves to a.py: once
+    stats = CorpusStats()
+    assert [text for _, text in iter_documents(files, stats)] == ["a = 1\n"]
+    assert stats.skipped_by_reason == {"unreadable": 1}
+
+
+def test_a_second_copy_of_the_same_bytes_is_skipped_as_a_duplicate(tmp_path: Path) -> None:
+    _write(tmp_path, {"a.py": "x = 1\n", "b.py": "y = 2\n", "c/a_copy.py": "x = 1\n"})
+    stats = CorpusStats()
+    paths = [tmp_path / n for n in ("a.py", "b.py", "c/a_copy.py")]
+    assert [p.name for p, _ in iter_documents(paths, stats)] == ["a.py", "b.py"]
+    assert stats.files_read == 2 and stats.skipped_by_reason == {"duplicate": 1}
+    assert stats.bytes_read == 12
+
+
 def test_iter_documents_is_lazy(tmp_path: Path) -> None:
     _write(tmp_path, {"a.py": "a = 1\n", "b.py": "b = 2\n"})
     stats = CorpusStats()

@@ -101,6 +101,16 @@ def test_build_contents_and_index(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
 
 
+def test_copies_of_one_file_never_sit_in_both_splits(tmp_path: Path) -> None:
+    files = _corpus(tmp_path / "src", 20)
+    for i, original in enumerate(files):
+        shutil.copy(original, tmp_path / "src" / f"copy_{i:02d}.py")
+    data = _prepare(tmp_path / "src", tmp_path / "cache")
+    train, val = _documents(data, "train"), _documents(data, "val")
+    assert sorted(train + val) == sorted(f.read_text(encoding="utf-8") for f in files)
+    assert data.index["corpus"]["skipped_by_reason"] == {"duplicate": 20}
+
+
 def test_cross_shard_reads(tmp_path: Path) -> None:
     _corpus(tmp_path / "src", 12)
     data = _prepare(tmp_path / "src", tmp_path / "cache", shard_tokens=37)

@@ -88,13 +88,17 @@ def glob_match(relative: str, pattern: str) -> bool:
 
 
 def _walk(root: Path) -> Iterator[tuple[Path, str]]:
-    """Every regular file under ``root`` as (path, root-relative posix path); no symlinked dirs."""
+    """Every file under ``root`` as (path, root-relative posix path); no symlinked dirs.
+
+    Broken symlinks are listed too, so that reading them counts them as skipped rather than
+    losing them without a word.
+    """
     for folder, dirs, names in os.walk(root):
         dirs.sort()
         base = Path(folder)
         for name in sorted(names):
             path = base / name
-            if path.is_file():
+            if path.is_file() or (path.is_symlink() and not path.exists()):
                 yield path, path.relative_to(root).as_posix()
 
 
@@ -146,9 +150,12 @@ def root_relative(path: Path, roots: Sequence[Path]) -> str:
 def iter_documents(files: Sequence[Path], stats: CorpusStats) -> Iterator[tuple[Path, str]]:
     """Yield (path, text) one file at a time; skip and count bad files, never raise for one.
 
-    Reasons: ``unreadable`` (permissions, vanished), ``not_utf8``, ``empty`` (no bytes or
-    whitespace only: nothing to learn from).
+    Reasons: ``unreadable`` (permissions, vanished, a broken symlink), ``not_utf8``, ``empty``
+    (no bytes or whitespace only: nothing to learn from), ``duplicate`` (the same bytes as a
+    file yielded before: a second copy could otherwise land in the other split and leak
+    training text into validation).
     """
+    seen: set[bytes] = set()
     for path in files:
         try:
             data = path.read_bytes()
@@ -163,6 +170,11 @@ def iter_documents(files: Sequence[Path], stats: CorpusStats) -> Iterator[tuple[
         if not text.strip():
             stats.skip("empty")
             continue
+        digest = hashlib.sha256(data).digest()
+        if digest in seen:
+            stats.skip("duplicate")
+            continue
+        seen.add(digest)
         stats.files_read += 1
         stats.bytes_read += len(data)
         yield path, text
