@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import safetensors
 import torch
 
 from kiln import workflows
@@ -22,7 +23,7 @@ from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
 from kiln.engine.trainer import OutOfMemoryExit, Trainer
 from kiln.errors import RunError
-from kiln.run import read_metrics
+from kiln.run import SOFTWARE, read_metrics
 
 ConfigFactory = Callable[..., Config]
 _EXPORTS = itertools.count()
@@ -125,6 +126,9 @@ def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
     workflows.export_run(run, bundle, "best")
     metadata = json.loads((bundle / "metadata.json").read_text())
     assert (metadata["step"], metadata["selected_by"], metadata["val_loss"]) == (20, "latest", None)
+    assert metadata["software"] == json.loads((run / SOFTWARE).read_text()) | {
+        "safetensors": safetensors.__version__
+    }
 
 
 def test_time_based_checkpoints(smoke_config: ConfigFactory) -> None:

@@ -8,7 +8,6 @@ call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job
 
 from __future__ import annotations
 
-import platform
 import shutil
 import sys
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ import numpy as np
 import safetensors
 import torch
 
-import kiln
 from kiln.checkpoint import (
     CheckpointInfo,
     list_checkpoints,
@@ -49,7 +47,7 @@ from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
 from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
-from kiln.repro import pin_threads, seed_everything, set_determinism, source_commit
+from kiln.repro import pin_threads, seed_everything, set_determinism, software_versions
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
 from kiln.sharded_checkpoint import with_full_model
 from kiln.streaming.executor import StreamedTraining
@@ -201,7 +199,12 @@ def _train_gradient(run: Run, *, resume: bool, placement: Local) -> TrainOutcome
     _write_summary(run, progress.state_dict())
     val = progress.last_val
     return TrainOutcome(
-        run.path, run.status(), progress.step, val.get("val_loss"), val.get("val_ppl"), report,
+        run.path,
+        run.status(),
+        progress.step,
+        val.get("val_loss"),
+        val.get("val_ppl"),
+        report,
         val,
     )
 
@@ -358,11 +361,7 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
     if which == "best" and info.meta.get("val_loss") is None:
         which = "latest"  # no checkpoint was evaluated: say what was exported, not what was asked
     metadata = {
-        "kiln_version": kiln.__version__,
-        "torch_version": torch.__version__,
-        "safetensors_version": safetensors.__version__,
-        "python_version": platform.python_version(),
-        "source_commit": source_commit(),
+        "software": software_versions() | {"safetensors": safetensors.__version__},
         "run_id": run_dir.name,
         "checkpoint": info.path.name,
         "selected_by": which,
@@ -373,7 +372,7 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
         # No validation loss: "best" falls back to the latest checkpoint (the final network).
         metadata |= {
             "job": "hashtron",
-            "numpy_version": np.__version__,
+            "software": metadata["software"] | {"numpy": np.__version__},
             **{k: info.meta.get(k) for k in ("epoch", "train_accuracy", "eval_accuracy")},
         }
         files = {NETWORK_FILE: network_file(state), "config.yaml": config_text}
@@ -424,12 +423,15 @@ def hashtron_tasks(
     the reports are the result, one per task, and a task that fails is reported as failed
     while the others still run.
     """
+
     def progress(report: TaskReport) -> None:
         if echo:
             state = "ok" if report.ok else f"FAILED: {report.error}"
             print(f"task {report.task}: {state} ({report.seconds:.1f} s)", file=sys.stderr)
 
     return train_tasks(
-        tasks or list(DEFAULT_TASKS), config.hashtron.to_settings(), config.seed,
+        tasks or list(DEFAULT_TASKS),
+        config.hashtron.to_settings(),
+        config.seed,
         on_task=progress,
     )
