@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer
+from tokenizers.pre_tokenizers import ByteLevel
 
 from kiln.config import TokenizerSection
 from kiln.data.tokenizer import (
@@ -15,6 +17,7 @@ from kiln.data.tokenizer import (
     FIM_MIDDLE,
     FIM_PREFIX,
     FIM_SUFFIX,
+    MAX_WORD_CHARS,
     PAD,
     REASONING,
     SPECIAL_TOKENS,
@@ -48,6 +51,7 @@ TRICKY = [
     "\x00\x01\x7f\ufeff",
     "def f(x):\n\treturn x  # tab\n",
     f"literal {EOT} and {PAD} inside text",
+    "x = '" + "A" * 3 * MAX_WORD_CHARS + "'" + " " * 2 * MAX_WORD_CHARS + "\n",
 ]
 
 
@@ -60,6 +64,18 @@ def test_round_trip(tok: KilnTokenizer, text: str) -> None:
 @given(st.text())
 def test_round_trip_any_text(tok: KilnTokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_long_runs_are_cut_into_words_the_trainer_can_afford(tok: KilnTokenizer) -> None:
+    # Training time grows with the square of a word's length: a blob must not be one word.
+    blob = "a" * (2 * MAX_WORD_CHARS + 10) + " " * (MAX_WORD_CHARS + 1)
+    pre_tokenizer = Tokenizer.from_str(tok.to_json_str()).pre_tokenizer
+    words = [word for word, _ in pre_tokenizer.pre_tokenize_str(blob)]
+    assert max(len(word) for word in words) <= MAX_WORD_CHARS
+    # Ordinary code is not affected: the same words as byte-level splitting alone.
+    code = _texts(1)[0]
+    plain = [w for w, _ in ByteLevel(add_prefix_space=False).pre_tokenize_str(code)]
+    assert [word for word, _ in pre_tokenizer.pre_tokenize_str(code)] == plain
 
 
 def test_special_tokens(tok: KilnTokenizer) -> None:

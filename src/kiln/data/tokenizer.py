@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kiln.errors import DataError
 from kiln.fsio import atomic_write
@@ -21,6 +21,11 @@ REASONING = "<|reasoning|>"
 ANSWER = "<|answer|>"
 # Reserved first, in this order, so their ids are 0..6 in every tokenizer.
 SPECIAL_TOKENS = (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, REASONING, ANSWER)
+# The BPE trainer's time grows with the square of a word's length (a 300 KB run of one letter
+# takes a minute, 3 MB hours), so runs of this many non-space or space characters are cut into
+# separate words first. No file of the default corpus has such a run; minified or encoded blobs
+# in a user's corpus do.
+MAX_WORD_CHARS = 256
 
 
 class KilnTokenizer:
@@ -112,7 +117,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int) -
     the thread count (checked across processes and RAYON_NUM_THREADS values).
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    long_run = Regex(rf"\S{{{MAX_WORD_CHARS}}}|\s{{{MAX_WORD_CHARS}}}")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(long_run, behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
