@@ -156,6 +156,15 @@ def test_a_window_edge_inside_a_character_is_dropped_not_garbled(tok: KilnTokeni
     assert "\ufffd" not in text and set(text) <= {"é"}
 
 
+def test_a_real_replacement_character_at_a_fragment_edge_is_kept(tok: KilnTokenizer) -> None:
+    text = "\ufffd = 'é'\ufffd"
+    window = window_of(tok, [text, DOCS[0]], len(tok.encode(text)) + 20)
+    out = CodeWindows(tok, ComponentWeights(), FimSpec(rate=1.0), seed=0)(window, 0, 0)
+    tokens = out["tokens"].tolist()
+    rebuilt, _ = rebuild_fim_fragment(tok, tokens[: tokens.index(tok.eot_id)])
+    assert rebuilt == text
+
+
 def test_infill_prompt_is_psm_ending_in_the_middle_sentinel(tok: KilnTokenizer) -> None:
     ids = infill_prompt(tok, "def f(x):\n", "\n    return y\n")
     assert ids[0] == tok.token_id(FIM_PREFIX) and ids[-1] == tok.token_id(FIM_MIDDLE)

@@ -91,6 +91,26 @@ def test_special_tokens(tok: KilnTokenizer) -> None:
         tok.token_id("<|nope|>")
 
 
+def test_decode_bytes_gives_every_byte_exactly(tok: KilnTokenizer) -> None:
+    vocab = Tokenizer.from_str(tok.to_json_str()).get_vocab()
+    # Characters whose UTF-8 holds every byte a valid text can hold (leads and continuations).
+    codes = [*range(0x800), *range(0x800, 0xD800, 331), *range(0xE000, 0x10000, 331)]
+    text = "".join(map(chr, [*codes, 0x10000, 0x40000, 0x80000, 0xC0000, 0x10FFFF]))
+    assert {b for ch in text for b in ch.encode()} == set(range(256)) - {
+        0xC0,
+        0xC1,
+        *range(0xF5, 256),
+    }
+    # The byte-level characters the library itself makes, one token each, decode to the bytes.
+    pieces = ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(text)
+    ids = [vocab[ch] for piece, _ in pieces for ch in piece]
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+    # The alphabet's 256 one-character tokens are 256 different bytes (invalid ones included).
+    alphabet = [vocab[ch] for ch in ByteLevel.alphabet()]
+    assert sorted(b for i in alphabet for b in tok.decode_bytes([i])) == list(range(256))
+    assert tok.decode_bytes(tok.encode("é"))[:1] == b"\xc3"  # half a character: raw bytes
+
+
 def test_vocab_and_batch(tok: KilnTokenizer) -> None:
     assert 256 + len(SPECIAL_TOKENS) < tok.vocab_size <= 400
     texts = _texts(5)

@@ -166,8 +166,9 @@ class CodeWindows:
 
     def _fim_fragment(self, fragment: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """PSM or SPM rendering of one fragment, split at two uniform character positions."""
-        # A window edge can cut a multi-byte character: drop the undecodable bytes there.
-        text = self.tokenizer.decode(fragment.tolist()).strip("\ufffd")
+        # A window edge can cut a multi-byte character: drop its bytes. The corpus is valid
+        # UTF-8, so that is the only place an invalid sequence can be; a real U+FFFD stays.
+        text = self.tokenizer.decode_bytes(fragment.tolist()).decode("utf-8", errors="ignore")
         lo, hi = np.sort(rng.integers(0, len(text) + 1, size=2))
         prefix, middle, suffix = text[:lo], text[lo:hi], text[hi:]
         spm = rng.random() < self.fim.spm_rate

@@ -28,6 +28,25 @@ SPECIAL_TOKENS = (EOT, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, REASONING, ANSWE
 MAX_WORD_CHARS = 256
 
 
+def _byte_level_chars() -> dict[str, int]:
+    """Which byte each character of a byte-level token stands for.
+
+    Byte-level BPE writes every byte as a printable character: the bytes that already are
+    printable Latin-1 characters stand for themselves, the other 68 take the code points from
+    256 upwards, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    others = [b for b in range(256) if b not in printable]
+    chars = {chr(b): b for b in printable}
+    chars |= {chr(256 + n): b for n, b in enumerate(others)}
+    return chars
+
+
+# str.translate table: a token's characters to the Latin-1 characters of its bytes.
+_TOKEN_CHARS_TO_LATIN1 = str.maketrans({ch: chr(b) for ch, b in _byte_level_chars().items()})
+
+
 class KilnTokenizer:
     """A ``tokenizers.Tokenizer`` with Kiln's invariants checked on construction."""
 
@@ -51,6 +70,15 @@ class KilnTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; special tokens decode to their literal strings."""
         return self._tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The exact bytes of regular (not special) tokens ``ids``.
+
+        Unlike :meth:`decode`, a character cut by the edge of a token range stays as its raw
+        bytes instead of becoming U+FFFD, so a caller can tell a cut from a real U+FFFD.
+        """
+        text = "".join(self._tok.id_to_token(i) for i in ids)
+        return text.translate(_TOKEN_CHARS_TO_LATIN1).encode("latin-1")
 
     @property
     def vocab_size(self) -> int:
