@@ -75,6 +75,24 @@ def test_architecture_errors() -> None:
         Network([])
 
 
+def test_a_network_that_knows_its_input_width_refuses_another() -> None:
+    # neuron i of the first layer reads feature i % F: 3 features instead of 4 would give
+    # answers, just not the trained network's
+    specs = [LayerSpec(8, 0, Sum((8,))), LayerSpec(1)]
+    net = Network.random(specs, np.random.default_rng(0), n_features=4)
+    x = np.arange(40, dtype=np.uint32).reshape(10, 4)
+    assert net.forward(x).shape == (10,) and net.features(x, 1).shape == (10, 1)
+    for bad in (x[:, :3], np.arange(10)):
+        with pytest.raises(DataError, match=r"reads 4 .* shape \[samples, 4\]"):
+            net.forward(bad)
+    with pytest.raises(DataError, match="got 3 per sample"):
+        net.accuracy(x[:, :3], np.zeros(10, int))
+    anyw = Network.random(specs, np.random.default_rng(0))  # width not known: any is taken
+    assert anyw.n_features is None and anyw.forward(x[:, :3]).shape == (10,)
+    with pytest.raises(ConfigError, match="n_features must be an integer >= 1"):
+        Network.random(specs, np.random.default_rng(0), n_features=0)
+
+
 def test_data_errors() -> None:
     net = Network.random([LayerSpec(2)], np.random.default_rng(0))
     with pytest.raises(DataError, match="integers"):

@@ -195,7 +195,8 @@ def test_resume_during_retries_and_with_pruning() -> None:
     # fits fail for a third of the salts (drawn from the pipeline's RNG, so deterministic);
     # a tiny cache prunes all the time
     settings = HashtronSettings.from_dict({"pipeline": {"epochs": 2, "max_attempts": 2},
-                                           "cache": {"keep_last": 2, "max_records": 9}})
+                                           "cache": {"keep_last": 3, "max_records": 9},
+                                           "alerts": {"oscillation_window": 3}})
     original = Neuron.fit
 
     def flaky(self, keys, wanted, **kw):
@@ -222,6 +223,23 @@ def test_resume_during_retries_and_with_pruning() -> None:
             assert [_row(r) for r in resumed.run()] == reports[k:], k
             assert _net_bytes(resumed.network) == _net_bytes(whole.network)
             assert len(resumed.cache) <= 9
+
+
+def test_resume_keeps_the_last_eval_accuracy_between_evals() -> None:
+    # eval runs only at epoch ends here; a checkpoint in between reports the last one measured
+    settings = _settings(eval_every_steps=0, epochs=3)
+
+    def make() -> HashtronPipeline:
+        net, train, ev = _three_layer(4)
+        return HashtronPipeline(net, train, ev, settings, seed=1)
+
+    first_end = next(r.step for r in make().run() if r.epoch_end)
+    first = make()
+    first.run(first_end + 3)
+    assert first.eval_accuracy is not None
+    resumed = make()
+    resumed.load_state_dict(decode_state(*encode_state(first.state_dict())))
+    assert resumed.eval_accuracy == first.eval_accuracy
 
 
 def test_same_seed_same_network_bytes() -> None:

@@ -36,6 +36,20 @@ def test_file_round_trip(tmp_path: Path, seed: int) -> None:
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
 
+def test_the_input_width_is_saved_with_the_network(tmp_path: Path) -> None:
+    net = small_network(0)
+    net = Network(net.layers, n_features=3)
+    path = tmp_path / "net.safetensors"
+    save_network(net, path)
+    assert load_network(path).n_features == 3
+    assert network_from_state(decode_state(*encode_state(network_state(net)))).n_features == 3
+    # a state saved before the width was recorded still loads, taking any width
+    old = {k: v for k, v in network_state(net).items() if k != "n_features"}
+    assert network_from_state(old).n_features is None
+    with pytest.raises(CheckpointError, match="n_features must be an integer"):
+        network_from_state(dict(network_state(net), n_features="3"))
+
+
 def test_state_survives_the_checkpoint_codec() -> None:
     net = small_network(1)
     state = network_state(net)

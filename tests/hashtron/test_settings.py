@@ -60,6 +60,25 @@ def test_bad_values_name_the_key_path(data: dict, match: str) -> None:
         HashtronSettings.from_dict(data)
 
 
+@pytest.mark.parametrize(("data", "match"), [
+    ({"capacity": {"damping": "moving_average", "window": 6}, "cache": {"keep_last": 4}},
+     r"hashtron.capacity.window: got 6, .*keep_last = 4.* at most 5"),
+    ({"alerts": {"oscillation_window": 5}, "cache": {"keep_last": 4}},
+     r"hashtron.alerts.oscillation_window: got 5, .*keep_last = 4.*could never fire"),
+    ({"cache": {"keep_last": 2}},
+     r"hashtron.alerts.oscillation_window: got 4, .*raise cache.keep_last to at least 4"),
+])
+def test_windows_longer_than_the_cache_history_are_refused(data: dict, match: str) -> None:
+    # the cache answers at most keep_last records per neuron: a longer window would silently
+    # shrink (moving average) or never fill (oscillation alert)
+    with pytest.raises(ConfigError, match=match):
+        HashtronSettings.from_dict(data)
+    # a window that the history holds is fine, and window only matters for moving_average
+    HashtronSettings.from_dict({"capacity": {"damping": "moving_average", "window": 5},
+                                "cache": {"keep_last": 4}})
+    HashtronSettings.from_dict({"capacity": {"window": 50}, "cache": {"keep_last": 4}})
+
+
 def test_direct_construction_is_validated_too() -> None:
     with pytest.raises(ConfigError, match=r"hashtron\.pipeline\.vote"):
         HashtronSettings(pipeline=PipelineSettings(vote="loud"))

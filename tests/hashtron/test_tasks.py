@@ -79,7 +79,7 @@ def test_load_task_and_default_shapes() -> None:
     for n_features, bits in ((1, 1), (64, 4), (200, 3), (7, 7)):
         net = build_network(list(default_layers(n_features, bits)), 0, bits)
         assert net.output_bits == bits
-        assert net.layers[0].width >= min(n_features, 32 * bits)
+        assert net.layers[0].width >= n_features  # neuron i reads feature i % F
     assert {"isalnum", "majority", "digits", "mnist_idx", "csv", "jsonl"} <= set(TASK_NAMES)
 
 
@@ -100,6 +100,47 @@ def test_task_and_layer_errors() -> None:
         layer_specs([{"width": 4, "combiner": {"kind": "conv"}}, {"width": 1}])
     with pytest.raises(ConfigError, match="widen the last layer"):
         build_network([{"width": 1}], 0, label_bits=3)
+    # errors found when the layers are joined name the config key too
+    with pytest.raises(ConfigError, match=r"^hashtron\.layers\[0\]\.combiner: sum combiner"):
+        build_network([{"width": 16, "combiner": {"kind": "sum", "dims": [8]}}, {"width": 1}], 0)
+    with pytest.raises(ConfigError, match=r"^hashtron\.layers\[0\] needs a combiner"):
+        build_network([{"width": 4}, {"width": 1}], 0)
+    with pytest.raises(ConfigError, match=r"^hashtron\.layers\[0\]\.width: .* at most 64"):
+        build_network([{"width": 65}], 0)
+
+
+def test_a_first_layer_narrower_than_the_features_is_refused() -> None:
+    # neuron i reads feature i % F: 8 neurons over 20 features would never read features 8..19
+    layers = [{"width": 8, "combiner": {"kind": "sum", "dims": [8]}}, {"width": 1}]
+    with pytest.raises(ConfigError, match=r"^hashtron\.layers\[0\]\.width is 8, .* 20 "
+                       r"features .* features 8 to 19 would never be read; widen"):
+        build_network(layers, 0, 1, n_features=20)
+    assert build_network(layers, 0, 1, n_features=8).layers[0].width == 8
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("majority", {"bits": 128}),  # 32 nibble features
+    ("majority", {"bits": 16}),
+    ("digits", {"features": 100}),  # 100 features for 4 label bits: 25 per output bit
+])
+def test_default_shapes_read_every_feature(name: str, options: dict) -> None:
+    if name == "digits":
+        pytest.importorskip("sklearn")
+    task = load_task(TaskSettings(name=name, options=options))
+    n_features = task.train.features.shape[1]
+    net = build_network(list(task.layers), 0, task.label_bits, n_features)
+    assert net.layers[0].width >= max(16, n_features)
+
+
+def test_wide_default_shapes_count_with_a_sum_combiner() -> None:
+    # a full combiner packs at most 32 bits: 40 features for one label bit need a sum
+    layers = default_layers(40, 1)
+    assert layers[0]["width"] == 40 and layers[0]["combiner"]["kind"] == "sum"
+    net = build_network(list(layers), 0, 1, n_features=40)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2**32, (50, 40), dtype=np.uint64).astype(np.uint32)
+    assert net.forward(x).shape == (50,)
+    assert default_layers(8, 1)[0]["combiner"] == {"kind": "full", "step": 16, "maxbits": 16}
 
 
 @pytest.mark.parametrize(("name", "options", "message"), [
@@ -202,6 +243,11 @@ def test_missing_user_file(tmp_path: Path) -> None:
         read_csv(tmp_path / "nope.csv")
     with pytest.raises(DataError, match="cannot read JSONL"):
         read_jsonl(tmp_path / "nope.jsonl")
+    # through a config, the error names the key that holds the path
+    for name, target in (("csv", tmp_path / "nope.csv"), ("jsonl", tmp_path)):
+        with pytest.raises(DataError, match=rf"^hashtron\.task\.options\.path: .* is not a "
+                           rf"file; give the path of your {name} data file"):
+            load_task(TaskSettings(name=name, options={"path": str(target)}))
 
 
 def test_byte_sample_features_match_the_reference_formula() -> None:

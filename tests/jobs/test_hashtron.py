@@ -20,7 +20,7 @@ import pytest
 from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_latest_valid
 from kiln.config import Config, load_config
-from kiln.errors import ConfigError, RunError
+from kiln.errors import ConfigError, DataError, RunError
 from kiln.hashtron import load_network
 from kiln.hashtron.settings import template
 from kiln.hashtron.sum_cache import DETERMINISTIC
@@ -161,6 +161,10 @@ def test_train_writes_a_complete_run_directory(hashtron_config: ConfigFactory,
     task = load_task(cfg.hashtron.to_settings().task)
     assert network.accuracy(task.eval.features, task.eval.labels) == summary["eval_accuracy"]
     assert network.accuracy(task.train.features, task.train.labels) == summary["train_accuracy"]
+    # isalnum has one feature per sample: a row of another width would silently be misread
+    assert network.n_features == 1
+    with pytest.raises(DataError, match=r"got 2 per sample, but this network reads 1"):
+        network.forward(np.zeros((3, 2), dtype=np.uint32))
     assert _kiln("export", "--verify", str(bundle)).returncode == 0
 
 
@@ -225,12 +229,23 @@ def test_runs_table_lists_a_hashtron_run(hashtron_config: ConfigFactory) -> None
      ["hashtron.layers[1].combiner"]),
     ("hashtron.task.options.n=64", ["hashtron.task.options", "'isalnum'"]),
     ("hashtron.capacity.damping=heavy", ["hashtron.capacity.damping", "'heavy'"]),
+    ("hashtron.layers=[{width: 16, combiner: {kind: sum, dims: [8]}}, {width: 1}]",
+     ["hashtron.layers[0].combiner: sum combiner", "dims [8]"]),
+    ("hashtron.layers=[{width: 16}, {width: 1}]", ["hashtron.layers[0] needs a combiner"]),
+    ("hashtron.layers=[{width: 65}]", ["hashtron.layers[0].width", "at most 64"]),
+    (("hashtron.task.name=majority",  # 4 nibble features, read by only 2 neurons
+      "hashtron.layers=[{width: 2, combiner: {kind: sum, dims: [2]}}, {width: 1}]"),
+     ["hashtron.layers[0].width is 2", "4 features", "widen the first layer"]),
+    (("hashtron.cache.keep_last=3",),
+     ["hashtron.alerts.oscillation_window: got 4", "keep_last = 3"]),
 ])
 def test_bad_hashtron_values_name_the_key_and_create_no_run(
-    hashtron_config: ConfigFactory, tmp_path: Path, override: str, fragments: list[str]
+    hashtron_config: ConfigFactory, tmp_path: Path, override: str | tuple[str, ...],
+    fragments: list[str]
 ) -> None:
+    overrides = (override,) if isinstance(override, str) else override
     with pytest.raises(ConfigError) as info:
-        workflows.train(hashtron_config(override), echo=False)
+        workflows.train(hashtron_config(*overrides), echo=False)
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} missing from: {info.value}"
     root = tmp_path / "experiments"

@@ -39,7 +39,8 @@ def build_pipeline(settings: HashtronSettings, seed: int, run_id: str = "",
     """
     task = task or load_task(settings.task)
     layers = settings.layers if settings.layers is not None else task.layers
-    network = build_network(list(layers), [seed, 0], task.label_bits)
+    network = build_network(list(layers), [seed, 0], task.label_bits,
+                            task.train.features.shape[1])
     eval_xy = None if task.eval is None else (task.eval.features, task.eval.labels)
     pipeline = HashtronPipeline(network, (task.train.features, task.train.labels), eval_xy,
                                 settings, seed=[seed, 1], run_id=run_id)

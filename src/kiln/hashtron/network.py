@@ -4,9 +4,11 @@
                     -> last layer -> bits [N, Wn] -> output code: bit j of neuron j (uint64)
 
 Every layer but the last has a combiner; the last has none and its bits are the output code
-(so at most 64 output neurons). Labels are compared with the code as integers. Everything runs
-over the whole dataset at once; the only Python loops are over layers, program entries and
-probe rounds.
+(so at most 64 output neurons). Neuron ``i`` of the first layer reads feature ``i % F``, so a
+network trained on ``F`` features gives other answers for another ``F``: ``n_features``
+(where known) makes ``forward`` refuse inputs of another width. Labels are compared with the
+code as integers. Everything runs over the whole dataset at once; the only Python loops are
+over layers, program entries and probe rounds.
 """
 
 from __future__ import annotations
@@ -76,29 +78,42 @@ def pack_code(bits: NDArray[np.bool_]) -> NDArray[np.uint64]:
 class Network:
     """Layers of neurons; ``layers[i].combiner`` turns layer i's bits into layer i+1's input."""
 
-    def __init__(self, layers: Sequence[Layer]) -> None:
+    def __init__(self, layers: Sequence[Layer], where: str = "layers",
+                 n_features: int | None = None) -> None:
+        """Check that the layers fit together; errors name layer ``i`` as ``where[i]`` (a
+        config's ``hashtron.layers``). ``n_features``: the input features per sample the
+        network reads (None: any number)."""
         self.layers = list(layers)
+        if n_features is not None and (isinstance(n_features, bool)
+                                       or not isinstance(n_features, int) or n_features < 1):
+            raise ConfigError(f"{where}: n_features must be an integer >= 1 or None, got "
+                              f"{n_features!r}")
+        self.n_features = n_features
         if not self.layers:
-            raise ConfigError("a network needs at least one layer")
+            raise ConfigError(f"{where}: a network needs at least one layer")
         for i, (layer, nxt) in enumerate(zip(self.layers, self.layers[1:], strict=False)):
             if layer.combiner is None:
-                raise ConfigError(f"layers[{i}] needs a combiner: every layer but the last "
+                raise ConfigError(f"{where}[{i}] needs a combiner: every layer but the last "
                                   "feeds the next one through a combiner")
             try:
                 layer.combiner.check(layer.width, nxt.width)
             except ConfigError as exc:
-                raise ConfigError(f"layers[{i}].combiner: {exc}") from None
+                raise ConfigError(f"{where}[{i}].combiner: {exc}") from None
+        last = len(self.layers) - 1
         if self.layers[-1].combiner is not None:
-            raise ConfigError(f"layers[{len(self.layers) - 1}] is the last layer: its bits are "
-                              "the output, remove its combiner")
+            raise ConfigError(f"{where}[{last}] is the last layer: its bits are the output, "
+                              "remove its combiner")
         if self.output_bits > MAX_OUTPUT_BITS:
-            raise ConfigError(f"the last layer has {self.output_bits} neurons; at most "
-                              f"{MAX_OUTPUT_BITS} output bits are supported")
+            raise ConfigError(f"{where}[{last}].width: the last layer has {self.output_bits} "
+                              f"neurons; at most {MAX_OUTPUT_BITS} output bits are supported")
 
     @classmethod
-    def random(cls, specs: Sequence[LayerSpec], rng: np.random.Generator) -> Network:
-        """A network of fresh random neurons shaped by ``specs`` (first layer first)."""
-        return cls([Layer.random(s.width, rng, s.premodulo, s.combiner) for s in specs])
+    def random(cls, specs: Sequence[LayerSpec], rng: np.random.Generator,
+               where: str = "layers", n_features: int | None = None) -> Network:
+        """A network of fresh random neurons shaped by ``specs`` (first layer first); errors
+        name layer ``i`` as ``where[i]``; ``n_features`` as in ``Network``."""
+        layers = [Layer.random(s.width, rng, s.premodulo, s.combiner) for s in specs]
+        return cls(layers, where, n_features)
 
     @property
     def output_bits(self) -> int:
@@ -118,7 +133,7 @@ class Network:
     def features(self, x: ArrayLike, layer: int) -> NDArray[np.uint32]:
         """The features ``[N, F]`` that layer ``layer`` reads for inputs ``x``."""
         self._check_layer(layer)
-        feats = as_features(x)
+        feats = self._inputs(x)
         for i in range(layer):
             feats = self.combine(i, self.layers[i].forward(feats))
         return feats
@@ -143,7 +158,18 @@ class Network:
 
     def forward(self, x: ArrayLike) -> NDArray[np.uint64]:
         """Output code (uint64) of each sample of ``x`` (``[N]`` or ``[N, F]`` integers)."""
-        return self.forward_from_features(0, as_features(x))
+        return self.forward_from_features(0, self._inputs(x))
+
+    def _inputs(self, x: ArrayLike) -> NDArray[np.uint32]:
+        """``x`` as features ``[N, F]``; ``DataError`` unless ``F`` is ``n_features``."""
+        feats = as_features(x)
+        if self.n_features is not None and feats.shape[1] != self.n_features:
+            raise DataError(
+                f"features: got {feats.shape[1]} per sample, but this network reads "
+                f"{self.n_features} (neuron i of its first layer reads feature i % F, so other "
+                f"widths give other answers); pass an array of shape [samples, "
+                f"{self.n_features}] with the features it was trained on, in the same order")
+        return feats
 
     def accuracy(self, x: ArrayLike, labels: ArrayLike) -> float:
         """Fraction of samples whose output code equals the label."""

@@ -194,6 +194,9 @@ class HashtronPipeline:
         if self.eval is not None and self.eval.x.shape[1] != self.train.x.shape[1]:
             raise DataError(f"eval set has {self.eval.x.shape[1]} features per sample, the "
                             f"training set {self.train.x.shape[1]}; use the same feature map")
+        if network.n_features not in (None, self.train.x.shape[1]):
+            raise DataError(f"training set has {self.train.x.shape[1]} features per sample, the "
+                            f"network reads {network.n_features}; build it for this data")
         self.rng = np.random.default_rng(seed)
         self.cache = SumCache(self.settings.cache, run_id)
         self.monitor = AlertMonitor(self.settings.alerts)
@@ -482,7 +485,7 @@ class HashtronPipeline:
                          "visit_done": list(self.visit_done), "visit_steps": self.visit_steps,
                          "current": None if self.current is None else list(self.current),
                          "attempts": self.attempts, "plan": [list(e) for e in self.plan],
-                         "finished": self.finished},
+                         "finished": self.finished, "eval_accuracy": self.eval_accuracy},
             "data": {"train": self.train.fingerprint,
                      "eval": None if self.eval is None else self.eval.fingerprint},
         }
@@ -526,5 +529,9 @@ class HashtronPipeline:
             int(c["current"][0]), int(c["current"][1]), str(c["current"][2]))
         self.plan = [(int(a), int(b), str(t)) for a, b, t in c["plan"]]
         self.finished = bool(c["finished"])
-        self.train_accuracy = self.eval_accuracy = None
+        # the last eval measured (checkpoint metadata reports it between evals); train accuracy
+        # is recomputed when needed. States saved before it was recorded have none.
+        last_eval = c.get("eval_accuracy")
+        self.eval_accuracy = None if last_eval is None else float(last_eval)
+        self.train_accuracy = None
         self._reset_features()

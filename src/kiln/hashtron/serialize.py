@@ -7,6 +7,7 @@ as one safetensors file (never pickle), atomically. The state (format version 1)
     format            "kiln.hashtron.network"
     version           1
     layers            [{"width": int, "premodulo": int, "combiner": {"kind": ..., ...} | null}]
+    n_features        int | null             input features per sample (null: not recorded)
     bits              uint8  [neurons]       output bits of each neuron
     program_lengths   int64  [neurons]       entries in each neuron's program
     programs          uint32 [entries, 2]    (salt, modulo) of every program, neuron after neuron
@@ -15,8 +16,9 @@ as one safetensors file (never pickle), atomically. The state (format version 1)
 
 Neurons are numbered layer by layer, first layer first. In the safetensors file the five
 arrays are tensors of those names, and the file's string metadata has one entry,
-``"kiln.hashtron"``: the JSON text of ``{"format", "version", "layers"}``. (One entry because
-safetensors writes several in a random order, and the same network must give the same bytes.)
+``"kiln.hashtron"``: the JSON text of ``{"format", "version", "layers", "n_features"}``. (One
+entry because safetensors writes several in a random order, and the same network must give the
+same bytes.)
 A filter's bytes are the reference's quaternary layout.
 """
 
@@ -58,6 +60,7 @@ def network_state(network: Network) -> dict[str, Any]:
              "combiner": None if layer.combiner is None else combiner_to_dict(layer.combiner)}
             for layer in network.layers
         ],
+        "n_features": network.n_features,
         "bits": np.array([n.bits for n in neurons], dtype=np.uint8),
         "program_lengths": np.array([len(n.program) for n in neurons], dtype=np.int64),
         "programs": np.array(programs, dtype=np.uint32).reshape(-1, 2),
@@ -116,7 +119,8 @@ def network_from_state(state: dict[str, Any], where: str = "hashtron network") -
                 None if combiner is None else combiner_from_dict(combiner,
                                                                  f"layers[{i}].combiner")))
             start += width
-        return Network(layers)
+        # absent in states saved before it was recorded: such a network takes any width
+        return Network(layers, n_features=state.get("n_features"))
     except (KilnError, ValueError, TypeError, AttributeError) as exc:
         raise bad(str(exc)) from None
 
@@ -124,7 +128,8 @@ def network_from_state(state: dict[str, Any], where: str = "hashtron network") -
 def save_network(network: Network, path: str | Path) -> None:
     """Write the network to ``path`` as one safetensors file, atomically."""
     state = network_state(network)
-    header = {"format": FORMAT, "version": VERSION, "layers": state["layers"]}
+    header = {"format": FORMAT, "version": VERSION, "layers": state["layers"],
+              "n_features": state["n_features"]}
     metadata = {META_KEY: json.dumps(header, sort_keys=True)}
     blob = save_safetensors({name: state[name] for name in ARRAYS}, metadata=metadata)
     try:
@@ -149,7 +154,7 @@ def load_network(path: str | Path) -> Network:
     try:
         header = json.loads(meta[META_KEY])
         state = {"format": header["format"], "version": header["version"],
-                 "layers": header["layers"], **tensors}
+                 "layers": header["layers"], "n_features": header.get("n_features"), **tensors}
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: no readable {META_KEY!r} metadata; the file is corrupt "
                               "or not a Kiln hashtron network") from None

@@ -190,7 +190,7 @@ class CapacitySettings:
             "A neuron's premodulo changes by at most this factor per step (either way); 0 "
             "disables the clamp."),
         "window": (
-            "moving_average: runs averaged, this one included."),
+            "moving_average: runs averaged, this one included (at most cache.keep_last + 1)."),
         "smoothing": (
             "exponential: weight of the newest |S| (alpha)."),
         "max_percent": (
@@ -258,7 +258,8 @@ class CacheSettings:
 
     DOCS: ClassVar[dict[str, str]] = {
         "keep_last": (
-            "Records kept per neuron (older ones are pruned)."),
+            "Records kept per neuron (older ones are pruned): the history the capacity law and "
+            "the alerts see, so at least alerts.oscillation_window."),
         "max_records": (
             "Records kept in all (the oldest go first); about 60 bytes each."),
         "histogram_bins": (
@@ -292,8 +293,8 @@ class AlertSettings:
         "stagnation_tolerance": (
             "Mean-margin change below which an epoch counts as stagnant."),
         "oscillation_window": (
-            "Premodulo oscillation: the neuron's last this-many premodulos alternate up and "
-            "down..."),
+            "Premodulo oscillation: the neuron's last this-many premodulos (at most "
+            "cache.keep_last) alternate up and down..."),
         "oscillation_ratio": (
             "...each by at least this factor."),
         "stuck_factor": (
@@ -335,6 +336,22 @@ class HashtronSettings:
     def __post_init__(self) -> None:
         for name in _SECTIONS:
             getattr(self, name).check(f"hashtron.{name}")
+        # History queries see at most cache.keep_last records of a neuron, so a longer window
+        # would silently shrink to keep_last (the moving average reads window - 1 past runs).
+        keep = self.cache.keep_last
+        if self.capacity.damping == "moving_average" and self.capacity.window - 1 > keep:
+            raise ConfigError(
+                f"hashtron.capacity.window: got {self.capacity.window}, but the sum cache keeps "
+                f"only hashtron.cache.keep_last = {keep} records per neuron and the moving "
+                f"average needs window - 1 past runs; lower the window to at most {keep + 1} "
+                "or raise cache.keep_last")
+        window = self.alerts.oscillation_window
+        if window > keep:
+            lower = f"lower it to at most {keep} or " if keep >= 3 else ""
+            raise ConfigError(
+                f"hashtron.alerts.oscillation_window: got {window}, but the sum cache keeps only "
+                f"hashtron.cache.keep_last = {keep} premodulos per neuron, so the alert could "
+                f"never fire; {lower}raise cache.keep_last to at least {window}")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
                 raise _fail("hashtron.layers", self.layers, "a non-empty list of layers or null")

@@ -43,7 +43,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from kiln.errors import ConfigError, DataError
-from kiln.hashtron.combiners import Full, Sum, combiner_from_dict, combiner_to_dict
+from kiln.hashtron.combiners import (
+    MAX_FEATURE_BITS,
+    Full,
+    Sum,
+    combiner_from_dict,
+    combiner_to_dict,
+)
 from kiln.hashtron.datasets import HashtronDataset, isalnum, squareroot
 from kiln.hashtron.hash import hash32
 from kiln.hashtron.network import LayerSpec, Network
@@ -351,12 +357,23 @@ def split(ds: HashtronDataset, eval_fraction: float,
 
 
 def default_layers(n_features: int, label_bits: int) -> tuple[dict[str, Any], ...]:
-    """Two layers: ``group`` first-layer neurons per output bit, packed by a ``full`` combiner
-    into the feature of that output neuron (``group`` = 16, or more to read every input
-    feature, at most 32)."""
-    group = min(32, max(16, math.ceil(n_features / label_bits)))
-    first = LayerSpec(group * label_bits, 0, Full(step=group, maxbits=group))
+    """Two layers: ``group`` first-layer neurons per output bit (16, or more so that every
+    input feature is read), joined into the feature of that output neuron by a ``full``
+    combiner (the group's bits packed) or, for groups wider than a uint32 feature holds, a
+    ``sum`` combiner (the group's ones counted)."""
+    group = max(16, math.ceil(n_features / label_bits))
+    # neuron i reads feature i % F: a narrower first layer would never read some features
+    combiner = (Full(step=group, maxbits=group) if group <= MAX_FEATURE_BITS
+                else Sum((group, label_bits)))
+    first = LayerSpec(group * label_bits, 0, combiner)
     return tuple(_spec_to_dict(s) for s in (first, LayerSpec(label_bits)))
+
+
+def majority_layers(n_features: int) -> tuple[dict[str, Any], ...]:
+    """The majority task's shape: 16 first-layer neurons (or one per feature, if more), their
+    ones counted by a ``sum`` combiner into the one output neuron."""
+    width = max(16, n_features)
+    return tuple(_spec_to_dict(s) for s in (LayerSpec(width, 0, Sum((width,))), LayerSpec(1)))
 
 
 def _spec_to_dict(spec: LayerSpec) -> dict[str, Any]:
@@ -390,14 +407,23 @@ def layer_specs(layers: Any, where: str = "hashtron.layers") -> list[LayerSpec]:
     return specs
 
 
-def build_network(layers: Any, seed: int | list[int], label_bits: int | None = None) -> Network:
+def build_network(layers: Any, seed: int | list[int], label_bits: int | None = None,
+                  n_features: int | None = None) -> Network:
     """A network of fresh random neurons shaped by ``layers`` (dicts); checks that the last
-    layer has enough output neurons for ``label_bits``."""
+    layer has enough output neurons for ``label_bits`` and that the first layer reads every
+    one of ``n_features`` input features (which the network then insists on)."""
     specs = layer_specs(layers)
     if label_bits is not None and specs[-1].width < label_bits:
         raise ConfigError(f"hashtron.layers[{len(specs) - 1}].width is {specs[-1].width}, but "
                           f"the labels need {label_bits} output neurons; widen the last layer")
-    return Network.random(specs, np.random.default_rng(seed))
+    if n_features is not None and specs[0].width < n_features:
+        # neuron i reads feature i % F, so features width..F-1 would silently be ignored
+        raise ConfigError(f"hashtron.layers[0].width is {specs[0].width}, but the data has "
+                          f"{n_features} features per sample and neuron i of the first layer "
+                          f"reads feature i % {n_features}, so features {specs[0].width} to "
+                          f"{n_features - 1} would never be read; widen the first layer to at "
+                          f"least {n_features} neurons")
+    return Network.random(specs, np.random.default_rng(seed), "hashtron.layers", n_features)
 
 
 @dataclass(frozen=True)
@@ -450,9 +476,6 @@ _DATASETS: dict[str, Callable[..., HashtronDataset]] = {
     "squareroot": squareroot, "majority": majority, "digits": digits,
     "csv": read_csv, "jsonl": read_jsonl,
 }
-_LAYERS: dict[str, tuple[dict[str, Any], ...]] = {
-    "majority": tuple(_spec_to_dict(s) for s in (LayerSpec(16, 0, Sum((16,))), LayerSpec(1))),
-}
 
 
 def check_options(name: str, options: dict[str, Any]) -> None:
@@ -478,6 +501,10 @@ def load_task(settings: TaskSettings | None = None) -> Task:
         raise ConfigError(f"hashtron.task.name: unknown task {name!r}; use one of "
                           f"{list(TASK_NAMES)}")
     check_options(name, options)
+    if name in ("csv", "jsonl") and not Path(options["path"]).expanduser().is_file():
+        raise DataError(f"hashtron.task.options.path: {options['path']} is not a file; give the "
+                        f"path of your {name} data file (a relative path is taken from the "
+                        "folder kiln runs in)")
     if name == "mnist_idx":
         train, eval_ = mnist_idx(**options)
     else:
@@ -486,5 +513,7 @@ def load_task(settings: TaskSettings | None = None) -> Task:
     bits = max(train.label_bits, 0 if eval_ is None else eval_.label_bits)
     if bits != train.label_bits:
         train = HashtronDataset(train.name, train.features, train.labels, bits)
-    layers = _LAYERS.get(name) or default_layers(train.features.shape[1], bits)
+    n_features = train.features.shape[1]
+    layers = majority_layers(n_features) if name == "majority" else \
+        default_layers(n_features, bits)
     return Task(name, train, eval_, layers)
