@@ -4,6 +4,7 @@ with the pool, truncated backprop over many steps without memory growth."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, apply_overrides, validate_config
 from kiln.data.text_encoders import HashedNgramEncoder
-from kiln.errors import ConfigError
-from kiln.jobs.lattice import COMPONENTS, LatticeJob
+from kiln.errors import ConfigError, DataError
+from kiln.jobs.lattice import COMPONENTS, LatticeJob, lattice_shape
+from kiln.models.lattice_adapter import AdaptedLattice, seed_state
 from kiln.repro import seed_everything
 from kiln.run import read_metrics
 
@@ -217,6 +219,23 @@ def test_the_final_report_evaluates_under_the_training_precision(tmp_path: Path)
     assert outcome.report is not None and outcome.report.startswith(expected), outcome.report
 
 
+def test_evaluation_runs_in_batches_of_eval_batch_size(tmp_path: Path) -> None:
+    """eval.batch_size (default: the micro-batch) sets the evaluation's batches; a sample's
+    results do not depend on the batch it runs in."""
+    results = {}
+    for size in ("null", "3"):
+        overrides = ("lattice.val_fraction=0.5", "lattice.fire_rate=0.5", f"eval.batch_size={size}")
+        cfg = tiny_config(tmp_path, *overrides)
+        job = make_job(cfg, tmp_path)
+        seen: list[int] = []
+        job.model.register_forward_pre_hook(
+            lambda _m, args, seen=seen: seen.append(args[0].shape[0])
+        )
+        results[size] = job.evaluate(job.model)
+        assert seen == ([4, 4] if size == "null" else [3, 3, 2]), seen
+    assert results["3"]["val_loss"] == pytest.approx(results["null"]["val_loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
@@ -233,6 +252,49 @@ def test_bad_lattice_settings_name_the_key(
         tiny_config(tmp_path, override)
     for fragment in fragments:
         assert fragment in str(err.value), str(err.value)
+
+
+def test_too_few_training_pairs_name_every_setting_that_decides_it(tmp_path: Path) -> None:
+    # 24 pairs, 22 held out: 2 left to train on, a step needs 4 x 2.
+    cfg = tiny_config(tmp_path, "lattice.val_fraction=0.9", "training.grad_accum_steps=2")
+    with pytest.raises(DataError) as err:
+        make_job(cfg, tmp_path)
+    for fragment in (
+        "pairs.jsonl",
+        "2 training pairs",
+        "lattice.val_fraction 0.9 of 24",
+        "batch of 8",
+        "training.micro_batch_size x grad_accum_steps",
+    ):
+        assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (("lattice.steps=1",), "lattice.steps 1 is fewer than lattice.depth - 1 (2)"),
+        (("lattice.channels=1",), "set lattice.channels to 2 or more"),
+    ],
+)
+def test_settings_that_cut_the_question_from_the_answer_are_refused(
+    tmp_path: Path, overrides: tuple[str, ...], fragment: str
+) -> None:
+    """Either setting gives a lattice whose output is the same for every question."""
+    cfg = tiny_config(tmp_path, *overrides)
+    job_shape = lattice_shape(cfg.lattice)
+    model = AdaptedLattice(job_shape, 16)
+    state = seed_state(job_shape, 1.0).expand(2, *seed_state(job_shape, 1.0).shape)
+    outputs = model(torch.randn(2, 16), state).output
+    assert torch.equal(outputs[0], outputs[1])  # the failure the check prevents
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        workflows.train(cfg, echo=False)
+    assert not any((tmp_path / "experiments").iterdir())  # no run directory is left
+
+
+def test_a_periodic_boundary_lets_fewer_steps_reach_the_back_face(tmp_path: Path) -> None:
+    # The back face neighbours the front face across the periodic boundary.
+    cfg = tiny_config(tmp_path, "lattice.steps=1", "lattice.boundary=periodic")
+    assert make_job(cfg, tmp_path).model.lattice.shape.num_steps == 1
 
 
 def _memory_rows(tmp_path: Path, steps: int) -> list[dict]:

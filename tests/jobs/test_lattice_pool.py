@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from kiln.errors import CheckpointError
 from kiln.jobs.lattice_pool import LatticePool
 
 SHAPE = (2, 3, 3, 4)  # D, H, W, K
@@ -86,8 +87,16 @@ def test_state_dict_round_trip_continues_identically() -> None:
     for _ in range(3):
         x, y = a.next_batch(), b.next_batch()
         assert all(torch.equal(x[k], y[k]) for k in x)
-    with pytest.raises(ValueError, match="checkpointed pool has shape"):
-        pool(pool_size=5).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("changes", [{"pool_size": 5}, {"channels_last": False}])
+def test_a_pool_saved_under_other_settings_is_a_checkpoint_error(changes: dict) -> None:
+    """A user error (an edited config snapshot), so a KilnError naming the keys, no traceback."""
+    saved = pool().state_dict()
+    with pytest.raises(CheckpointError) as err:
+        pool(**changes).load_state_dict(saved)
+    for key in ("lattice.pool_size", "lattice.channels_last_3d", "config_snapshot.yaml"):
+        assert key in str(err.value)
 
 
 def test_diversity_is_zero_for_identical_states_and_grows_with_spread() -> None:

@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from kiln.errors import CheckpointError
+
 SEED_BOUND = 1 << 62
 
 
@@ -106,10 +108,14 @@ class LatticePool:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict``; a pool saved under other settings is refused."""
         if tuple(state["states"].shape) != tuple(self.states.shape):
-            raise ValueError(
-                f"checkpointed pool has shape {tuple(state['states'].shape)}, this run's is "
-                f"{tuple(self.states.shape)}"
+            # Only an edited config_snapshot.yaml gets here: the model's shapes matched.
+            raise CheckpointError(
+                f"the checkpoint's lattice pool has shape {tuple(state['states'].shape)}, this "
+                f"config's {tuple(self.states.shape)}: lattice.pool_size or "
+                "lattice.channels_last_3d differs from the run's; restore them in its "
+                "config_snapshot.yaml, or start a new run"
             )
         self.states = state["states"].clone()
         self.losses = state["losses"].clone()
