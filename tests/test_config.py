@@ -28,7 +28,8 @@ def test_packaged_configs_validate() -> None:
     names = packaged_config_names()
     assert {"default", "smoke", "fim_cot", "hashtron", "hashtron_forward", "nca"} <= set(names)
     for name in names:
-        assert isinstance(load_config(name, ["eval.allow_code_execution=true"]), Config)
+        opt_in = ["eval.allow_code_execution=true"] if name == "fim_cot" else []
+        assert isinstance(load_config(name, opt_in), Config)
 
 
 def test_code_execution_needs_an_explicit_opt_in() -> None:
@@ -74,6 +75,38 @@ def test_overrides_apply_and_parse_yaml_scalars() -> None:
     assert cfg.optimizer.betas == (0.8, 0.9)
     assert cfg.precision.dtype == "bf16"
     assert cfg.hardware.threads == 1
+
+
+def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-4 as a string; strict fields such as hashtron's refused it.
+    path = tmp_path / "c.yaml"
+    path.write_text("job: hashtron\nhashtron:\n  capacity:\n    max_percent: 2e1\n")
+    cfg = load_config(str(path), ["hashtron.alerts.stagnation_tolerance=1e-9"])
+    assert cfg.hashtron.capacity.max_percent == 20.0
+    assert cfg.hashtron.alerts.stagnation_tolerance == 1e-9
+    assert load_config("smoke", ["optimizer.lr=3E-4"]).optimizer.lr == 3e-4
+    assert apply_overrides({}, ["run.name=1e5x"])["run"]["name"] == "1e5x"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["job=hashtron", "training.max_steps=50"], "training.max_steps"),
+        (["job=lattice", "model.d_model=128", "data.seq_len=64"], "model.d_model, data.seq_len"),
+        (["job=nca", "objectives.cot.path=examples"], "objectives.cot.path"),
+        (["job=lm", "lattice.depth=3"], "lattice.depth"),
+    ],
+)
+def test_a_setting_the_job_never_reads_is_refused(overrides: list[str], named: str) -> None:
+    with pytest.raises(ConfigError, match=f"does not read {named}: a value set there changes"):
+        load_config(None, overrides)
+
+
+def test_unread_sections_left_at_their_defaults_pass() -> None:
+    for name in ("hashtron", "lattice", "nca", "smoke", "default", "streaming"):
+        load_config(name)
+    # A setting equal to its default is harmless, and a run's snapshot is not re-checked.
+    load_config(None, ["job=hashtron", f"training.max_steps={Config().training.max_steps}"])
 
 
 def test_resolve_pins_threads_and_device() -> None:
@@ -206,8 +239,8 @@ def test_hashtron_section_mirrors_the_hashtron_settings() -> None:
     docs = {key: doc for key, _, doc in settings_table()}
     assert {key: f.description for key, f in leaf_fields(Config) if key in docs} == docs
     assert Config().hashtron.to_settings() == HashtronSettings()
-    cfg = load_config("smoke", ["hashtron.task.options.n=64", "hashtron.pipeline.epochs=2",
-                                "hashtron.task.name=squareroot", "job=hashtron"])
+    cfg = load_config(None, ["hashtron.task.options.n=64", "hashtron.pipeline.epochs=2",
+                             "hashtron.task.name=squareroot", "job=hashtron"])
     settings = cfg.hashtron.to_settings()
     assert settings.task.options == {"n": 64} and settings.pipeline.epochs == 2
 

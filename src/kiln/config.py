@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import os
+import re
 import typing
 from importlib import resources
 from pathlib import Path
@@ -670,6 +671,15 @@ class NcaSection(Section):
 
 # Sections that only one job reads (named like the job): nothing else can change a result.
 JOB_SECTIONS = ("hashtron", "lattice", "nca")
+_LM_ONLY = ("model", "data", "objectives", "sample")
+_GRADIENT_ONLY = ("optimizer", "schedule", "training", "precision", "eval")
+# What each job never reads: a value set there would change nothing, without a word.
+UNREAD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "lm": JOB_SECTIONS,
+    "lattice": (*_LM_ONLY, "hashtron", "nca"),
+    "nca": (*_LM_ONLY, "hashtron", "lattice"),
+    "hashtron": (*_LM_ONLY, *_GRADIENT_ONLY, "lattice", "nca"),
+}
 
 
 class Config(Section):
@@ -838,6 +848,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# PyYAML follows YAML 1.1, where a float needs a dot: `1e-4` would be the string "1e-4", which a
+# strict field then refuses. Read exponent floats as YAML 1.2 does, in files and overrides alike.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _parse_yaml(text: str, origin: str) -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
@@ -862,7 +881,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like key.path=value")
         parts = key.strip().split(".")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = yaml.load(text, Loader=_UniqueKeyLoader) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from None
         _check_known_path(parts, item)
@@ -951,7 +970,44 @@ def _expected(err: Any) -> str:
 def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Read, override and validate a config; the one way the CLI turns input into a Config."""
     raw, _ = read_config_source(name_or_path)
-    return validate_config(apply_overrides(raw, overrides or []))
+    config = validate_config(apply_overrides(raw, overrides or []))
+    _refuse_unread_settings(config)
+    return config
+
+
+def _refuse_unread_settings(config: Config) -> None:
+    """A ConfigError naming every setting, changed from its default, that the job never reads.
+
+    Checked on what the user gave, not on run snapshots: resolving a config rewrites paths in
+    sections the job ignores, and an old run must stay resumable.
+    """
+    unread = [
+        f"{name}.{key}"
+        for name in UNREAD_SECTIONS[config.job]
+        for key in _changed_keys(
+            getattr(config, name).model_dump(), type(getattr(config, name))().model_dump()
+        )
+    ]
+    if unread:
+        own = f" ({config.job}'s own settings are under {config.job}.*)" * (
+            config.job in JOB_SECTIONS
+        )
+        raise ConfigError(
+            f"job {config.job} does not read {', '.join(unread)}: a value set there changes "
+            f"nothing; remove it, or set `job` to the job that reads it{own}"
+        )
+
+
+def _changed_keys(values: dict[str, Any], defaults: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose value differs from the default, nested sections followed."""
+    changed = []
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and value and default:
+            changed += _changed_keys(value, default, f"{prefix}{key}.")
+        elif value != default:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def resolve_config(config: Config) -> Config:
