@@ -286,8 +286,9 @@ def load_trained_model(
         raise RunError(
             f"{run.path} is a {run.config.job} run: `kiln eval` and `kiln generate` work on "
             "lm runs only. A hashtron run's train and eval accuracy are in its metrics.json "
-            "(and per step in metrics.jsonl); a lattice run's evaluations are in metrics.jsonl "
-            "and eval/<step>.json; `kiln export` writes either's network."
+            "(and per step in metrics.jsonl); a lattice or nca run's evaluations are in "
+            "metrics.jsonl and eval/<step>.json (`kiln render` draws an nca run's growth); "
+            "`kiln export` writes any run's weights."
         )
     device = prepare_process(run.config)
     info, state = load_chosen_checkpoint(run.path, which)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,7 @@ def test_padding_adds_empty_cells() -> None:
          ["5 pixels", "smaller than nca.target_size 8", "at most 5"]),
         (lambda d: write_png(d / "clear.png", np.zeros((8, 8, 4))), ["fully transparent"]),
         (lambda d: _truncated(d / "cut.png"), ["cannot be read as a PNG"]),
+        (lambda d: _huge_header(d / "huge.png"), ["too large", "scale it down"]),
     ],
 )
 def test_bad_targets_are_clear_errors(tmp_path: Path, make, fragments: list[str]) -> None:
@@ -82,6 +85,16 @@ def test_bad_targets_are_clear_errors(tmp_path: Path, make, fragments: list[str]
     assert "nca.target" in message and str(path) in message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def _huge_header(path: Path) -> Path:
+    """A small PNG whose header claims 20000 x 20000 pixels: Pillow refuses it as a bomb."""
+    write_png(path, np.full((8, 8, 4), 255))
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", 20000, 20000)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(data[12:29]))  # the chunk's CRC
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _text(path: Path, text: str) -> Path:

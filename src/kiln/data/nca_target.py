@@ -55,6 +55,11 @@ def load_target(name: str, size: int) -> torch.Tensor:
                     "background"
                 )
             rgba = image.convert("RGBA")
+    except Image.DecompressionBombError as exc:
+        raise DataError(
+            f"{where} is too large to decode safely ({exc}); scale it down: nca.target_size "
+            "cells are all the automaton uses"
+        ) from None
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"{where} cannot be read as a PNG: {exc}") from None
     longer = max(rgba.size)
