@@ -153,9 +153,10 @@ class LatticeJob:
         # the trainer may wrap ``batches`` (ranks); the job keeps its own handle on the pool
         self.batches = self.pool
         adapter = sum(p.numel() for p in self.model.adapter.parameters())
+        groups = f"{shape.groups:,} group{'s' * (shape.groups != 1)}"
         log(
             f"model: lattice {shape.depth}x{shape.height}x{shape.width} = {shape.cells:,} cells, "
-            f"{shape.params_per_cell():,} parameters per weight group ({shape.groups:,} groups, "
+            f"{shape.params_per_cell():,} parameters per weight group ({groups}, "
             f"sharing {shape.sharing}), {self.model.num_parameters():,} parameters in all "
             f"(adapter {encoder.dim} -> {shape.input_dim}: {adapter:,}); "
             f"{shape.num_steps} propagation steps"
