@@ -9,6 +9,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.models.gpt import GPT, GPTShape
+from kiln.streaming import budget as budget_module
 from kiln.streaming.budget import ChunkNeeds, check_budget, measure_needs, resolve_budget
 from kiln.streaming.chunks import build_plan
 
@@ -21,6 +22,27 @@ def test_auto_is_half_the_available_ram_and_bytes_pass_through() -> None:
         if line.startswith("MemAvailable:")
     )
     assert resolve_budget("auto", torch.device("cpu")) == pytest.approx(available / 2, rel=0.1)
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_auto_is_half_of_what_a_containers_memory_limit_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+) -> None:
+    # A 1 GiB limit with 824 MiB used, 200 MiB of it page cache the kernel can reclaim: 400 MiB
+    # are left, however much RAM the host has free.
+    limit, usage, stats = (tmp_path / name for name in ("limit", "usage", "stat"))
+    limit.write_text(f"{1 << 30}\n")
+    usage.write_text(f"{824 << 20}\n")
+    key = "inactive_file" if version == "v2" else "total_inactive_file"
+    stats.write_text(f"anon {624 << 20}\n{key} {200 << 20}\n")
+    files = (str(limit), str(usage), str(stats), key)
+    missing = (str(tmp_path / "none"),) * 3 + ("inactive_file",)
+    cgroups = (files, missing) if version == "v2" else (missing, files)
+    monkeypatch.setattr(budget_module, "_CGROUP_FILES", cgroups)
+    assert resolve_budget("auto", torch.device("cpu")) == (400 << 20) // 2
+    limit.write_text("max\n" if version == "v2" else f"{(1 << 63) - 4096}\n")  # no limit
+    available = resolve_budget("auto", torch.device("cpu"))
+    assert available > (400 << 20) // 2  # this machine's free RAM again
 
 
 def test_needs_count_state_grads_and_the_head_borrowing_the_embedding() -> None:

@@ -73,3 +73,23 @@ def test_chunks_that_miss_a_parameter_are_refused() -> None:
 
     with pytest.raises(ConfigError, match=r"do not use parameters \['b.weight', 'b.bias'\]"):
         build_plan(Partial())
+
+
+@pytest.mark.parametrize("name", ["blocks/0", "", "tab\there", "x" * 201])
+def test_a_chunk_name_that_cannot_be_part_of_a_file_name_is_refused(name: str) -> None:
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(2, 2)
+
+        def stream_chunks(self) -> list:
+            from kiln.streaming.chunks import StreamChunk
+
+            return [StreamChunk(name, self.a)]
+
+    with pytest.raises(
+        ConfigError,
+        match=r"Named.stream_chunks\(\) names a chunk .*cannot be "
+        r"part of a file name; give each StreamChunk a non-empty name",
+    ):
+        build_plan(Named())

@@ -3,6 +3,7 @@ per-step metrics, memory, and crash safety (failures and SIGKILL mid-step, then 
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import random
@@ -16,14 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from kiln import workflows
-from kiln.config import Config
+from kiln.config import Config, validate_config
+from kiln.engine.job import split_batch
+from kiln.engine.optim import build_optimizer
 from kiln.errors import CheckpointError, ConfigError
 from kiln.jobs.lm import prepare_data
 from kiln.run import read_metrics
 from kiln.streaming import store as store_module
-from kiln.streaming.executor import store_root
+from kiln.streaming.executor import StreamedTraining, store_root
 from kiln.streaming.store import MANIFEST
 
 ConfigFactory = Callable[..., Config]
@@ -85,7 +89,7 @@ def test_budget_below_the_largest_chunk_fails_before_any_chunk_is_written(
     config = smoke_config(*STREAM, "strategy.memory_budget=600000", f"strategy.store_dir={store}")
     with pytest.raises(ConfigError, match=r"chunk 'head' needs [\d,]+ bytes.*minimum budget is"):
         workflows.train(config, echo=False)
-    assert not [p for p in store.rglob("*") if p.is_file()]  # not one chunk was written
+    assert not store.exists()  # not one chunk was written, not even the store's folder
     # Like any invalid config, it leaves no run directory: the run never trained a step.
     assert not any(Path(config.run.root).iterdir())
 
@@ -148,6 +152,108 @@ def test_a_store_dir_that_cannot_be_created_is_a_config_error(
                        "strategy.store_dir"):
         workflows.train(config, echo=False)
     assert taken.read_text() == "not a folder"
+
+
+def test_a_store_dir_equal_to_the_run_root_keeps_the_run_directorys_files(
+    smoke_config: ConfigFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "experiments"
+    config = smoke_config(
+        *STREAM, "training.max_steps=2", "eval.every_steps=0", f"strategy.store_dir={root}"
+    )
+    run = workflows.train(config, echo=False).run_dir
+    assert store_root(config, run) == run  # the store shares the run's own folder
+    for name in ("config_snapshot.yaml", "train.log", "metrics.jsonl", "status", "lock"):
+        assert (run / name).is_file(), f"the store deleted the run's {name}"
+    assert _rows(run)[-1]["step"] == 2 and (run / MANIFEST).is_file()
+
+
+def test_a_resume_whose_store_is_gone_is_refused_not_restarted(
+    smoke_config: ConfigFactory, tmp_path: Path
+) -> None:
+    moved, elsewhere = tmp_path / "store-a", tmp_path / "store-b"
+    config = smoke_config(
+        *STREAM,
+        "training.max_steps=2",
+        "eval.every_steps=0",
+        "logging.every_steps=1",
+        f"strategy.store_dir={moved}",
+    )
+    run = workflows.train(config, echo=False).run_dir
+    snapshot = run / "config_snapshot.yaml"
+    snapshot.write_text(snapshot.read_text().replace(str(moved), str(elsewhere)))
+    (run / "status").write_text("interrupted\n")
+    with pytest.raises(
+        CheckpointError,
+        match=rf"run {re.escape(str(run))} has trained, but its "
+        rf"chunk store {re.escape(str(elsewhere / run.name))} does not exist.*"
+        r"strategy.store_dir changed since",
+    ):
+        workflows.resume(run, echo=False)
+    assert not elsewhere.exists() and [r["step"] for r in _rows(run)] == [1, 2]
+
+
+class _OwnJob:
+    """The least a job gives streaming: a model and a loss that calls it once."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return nn.functional.cross_entropy(model(batch["x"]), batch["y"]), {}
+
+
+def _own_batches(steps: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        {
+            "x": torch.randint(0, 10, (8, 4), generator=g),
+            "y": torch.randint(0, 3, (8,), generator=g),
+        }
+        for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("budget", [16_000, 10_000_000], ids=["streamed", "resident"])
+def test_a_users_sequential_model_with_frozen_parameters_trains_like_in_memory(
+    tmp_path: Path, budget: int
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(10, 8), nn.Flatten(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 3)
+    )
+    model[0].requires_grad_(False)  # a frozen embedding: the first chunk has nothing to learn
+    model[2].bias.requires_grad_(False)
+    reference, initial = copy.deepcopy(model), copy.deepcopy(model)
+    config = validate_config(
+        {
+            "strategy": {"name": "streaming", "memory_budget": budget},
+            "hardware": {"device": "cpu"},
+            "optimizer": {"lr": 0.01},
+        }
+    )
+    log: list[str] = []
+    training = StreamedTraining(config, _OwnJob(model), tmp_path, torch.device("cpu"), log.append)
+    optimizer = build_optimizer(reference, config.optimizer)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for step, batch in enumerate(_own_batches(3)):
+        training.train_step(batch, 4, lrs, step)
+        training.commit(step + 1, {}, {})
+        for micro in split_batch(batch, 4):
+            (_OwnJob(reference).loss(reference, micro)[0] / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), config.training.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    training.load_model()
+    training.close()
+    assert ("resident" in log[0]) == (budget > 16_000)
+    for (name, streamed), expected in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(streamed, expected, msg=name)
+    assert torch.equal(model[0].weight, initial[0].weight)
+    assert torch.equal(model[2].bias, initial[2].bias)
+    assert not torch.equal(model[2].weight, initial[2].weight)
 
 
 def test_a_streamed_evaluation_sees_the_step_it_follows(

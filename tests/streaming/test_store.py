@@ -254,6 +254,33 @@ def test_sweep_removes_leftovers_of_an_interrupted_step(tmp_path: Path) -> None:
     store.verify(store.load_manifest())
 
 
+def test_commit_and_sweep_delete_only_the_stores_own_files(tmp_path: Path) -> None:
+    # strategy.store_dir equal to run.root puts the store in the run directory itself: its
+    # snapshot, log and metrics are not the store's to delete.
+    foreign = ["config_snapshot.yaml", "train.log", "metrics.jsonl", "lock", "notes.safetensors"]
+    for name in foreign:
+        (tmp_path / name).write_text("the run's")
+    store = ChunkStore(tmp_path)
+    first = store.write(0, "a", "w", 1, _tensors())
+    store.sweep({"chunks": []})
+    store.commit(_manifest([first]))
+    second = store.write(0, "a", "w", 2, _tensors())
+    store.commit(_manifest([second]))
+    store.write(0, "a", "w", 3, _tensors())  # an interrupted step's leftover
+    (tmp_path / f".{MANIFEST}.x1y2.tmp").write_text("torn")
+    store.sweep(store.load_manifest())
+    store.drop_spares()
+    assert _names(tmp_path) == sorted([*foreign, MANIFEST, second.file])
+    assert all((tmp_path / name).read_text() == "the run's" for name in foreign)
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_part_files_are_not_executable(tmp_path: Path, direct: bool) -> None:
+    store = ChunkStore(tmp_path, direct=direct)
+    record = store.write(0, "a", "s", 1, as_image({"w": torch.randn(1000, 3)}))
+    assert (tmp_path / record.file).stat().st_mode & 0o111 == 0
+
+
 def test_state_json_round_trips_rng_and_nested_values() -> None:
     state = {
         "rng": {"torch": torch.get_rng_state(), "python": (3, (1, 2), None)},

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from kiln.errors import CheckpointError
 from kiln.streaming.cache import ChunkCache, IOStats
 from kiln.streaming.chunks import build_plan
 from kiln.streaming.store import ChunkStore, PartRecord
@@ -32,6 +33,7 @@ def test_a_commit_names_the_durable_versions_and_resume_finds_them(tmp_path: Pat
     versions.flush()
     cache.close()
     assert versions.record(0, WEIGHTS).version == 1
+    versions.store.unlock()  # the process ends
     again = _versions(tmp_path)
     assert again.resume() == {"step": 1}
     assert [again.record(j, WEIGHTS) for j in (0, 1)] == [
@@ -66,5 +68,25 @@ def test_a_failed_write_stops_the_commit_and_rollback_returns_to_the_last(
     cache.clear()
     versions.rollback()
     assert versions.record(0, WEIGHTS) == committed
+    versions.store.unlock()  # the process ends
     assert _versions(tmp_path).resume() == {"step": 0}
     cache.close()
+
+
+def test_a_store_another_process_holds_is_refused(tmp_path: Path) -> None:
+    # Two runs with one run id (a copied run directory) and one strategy.store_dir.
+    first = _versions(tmp_path)
+    first.initialize()
+    first.commit(0, {"step": 0}, {}, cache=None)
+    second = _versions(tmp_path)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"the chunk store {tmp_path} is in use by another "
+        r"kiln process.*Wait for the other to end",
+    ):
+        second.resume()
+    with pytest.raises(CheckpointError, match="is in use by another kiln process"):
+        second.initialize()
+    assert first.resume() == {"step": 0}  # its files are untouched
+    first.store.unlock()
+    assert second.resume() == {"step": 0}

@@ -23,9 +23,44 @@ from torch.func import functional_call
 from kiln.errors import ConfigError
 from kiln.streaming.chunks import ChunkPlan
 
+# A container's memory limit, cgroup v2 then v1: (limit, usage, stats, the stats' key for page
+# cache the kernel can reclaim). /proc/meminfo shows the host's memory, not the limit.
+_CGROUP_FILES = (
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "inactive_file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file",
+    ),
+)
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _cgroup_available() -> int | None:
+    """Bytes the process's memory cgroup has left (reclaimable page cache counted as free), or
+    None where no limit is set or none can be read."""
+    for limit_file, usage_file, stat_file, cache_key in _CGROUP_FILES:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= _NO_LIMIT:
+                return None
+            usage = int(Path(usage_file).read_text())
+            stats = dict(line.split() for line in Path(stat_file).read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        return max(0, int(limit) - usage + int(stats.get(cache_key, 0)))
+    return None
+
 
 def resolve_budget(value: int | str, device: torch.device) -> int:
-    """Bytes for ``strategy.memory_budget``; ``auto`` is half of what is available now."""
+    """Bytes for ``strategy.memory_budget``; ``auto`` is half of what is available now (on a
+    CPU: of the available RAM, or of what a container's memory limit leaves if that is less)."""
     if value != "auto":
         return int(value)
     if device.type == "cuda":
@@ -33,7 +68,9 @@ def resolve_budget(value: int | str, device: torch.device) -> int:
         return free // 2
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024 // 2
+            available = int(line.split()[1]) * 1024
+            limited = _cgroup_available()
+            return (available if limited is None else min(available, limited)) // 2
     raise ConfigError(
         "strategy.memory_budget auto cannot read the available RAM on this system; "
         "give the budget in bytes"

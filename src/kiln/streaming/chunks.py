@@ -75,11 +75,32 @@ def model_chunks(model: nn.Module) -> list[StreamChunk]:
     )
 
 
+# A chunk's name is part of its file names (``c0003-<name>.w.v00000012.safetensors``).
+_MAX_NAME_BYTES = 200  # the rest of the file name fits too within the usual 255-byte limit
+
+
+def _check_name(name: str, model: str) -> None:
+    """Refuse a chunk name that cannot be part of a file name."""
+    if (
+        not name
+        or "/" in name
+        or any(ord(c) < 32 for c in name)
+        or len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES
+    ):
+        raise ConfigError(
+            f"{model}.stream_chunks() names a chunk {name!r}, which cannot be part of a file "
+            f"name; give each StreamChunk a non-empty name of at most {_MAX_NAME_BYTES} bytes "
+            "without '/' or control characters."
+        )
+
+
 def build_plan(model: nn.Module) -> ChunkPlan:
     """Ownership of every parameter; raises ``ConfigError`` if the chunks do not cover the model."""
     chunks = model_chunks(model)
     if not chunks:
         raise ConfigError(f"{type(model).__name__}.stream_chunks() returned no chunks")
+    for chunk in chunks:
+        _check_name(chunk.name, type(model).__name__)
     params = dict(model.named_parameters())
     name_of = {id(p): n for n, p in params.items()}
     persistent = [n for n, _ in model.named_buffers() if n in model.state_dict()]

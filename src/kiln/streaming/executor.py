@@ -32,6 +32,8 @@ recomputation replays its forward's RNG state, as activation checkpointing does.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ from kiln.engine.allocator import map_large_allocations, release_free_memory
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.optim import build_optimizer
 from kiln.engine.precision import autocast
-from kiln.errors import ConfigError
+from kiln.errors import CheckpointError, ConfigError
+from kiln.run import SNAPSHOT, read_metrics
 from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
@@ -63,6 +66,19 @@ def store_root(config: Config, run_dir: Path) -> Path:
     """Where a run's chunk store lives."""
     s = config.strategy
     return Path(s.store_dir).expanduser() / run_dir.name if s.store_dir else run_dir / "stream"
+
+
+def _uncreatable(folder: Path) -> str | None:
+    """Why ``folder`` could not be created (its nearest existing ancestor is a file or is not
+    writable), or None if it exists or can be made."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return os.strerror(errno.ENOTDIR)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return os.strerror(errno.EACCES)
+    return None
 
 
 class _Captured(Exception):
@@ -149,16 +165,19 @@ class StreamedTraining:
         self.device = device
         self.log = log
         self.plan = build_plan(job.model)
-        root = store_root(config, run_dir)
-        try:
-            self.store = ChunkStore(root, direct=config.strategy.direct_io)
-        except OSError as exc:
+        self.run_dir = Path(run_dir)
+        root = store_root(config, self.run_dir)
+        # The folder itself is made at the first write, so that a run refused at start-up
+        # leaves nothing behind in strategy.store_dir; check now that it can be made.
+        problem = _uncreatable(root)
+        if problem is not None:
             raise ConfigError(
                 f"strategy.store_dir: cannot create the chunk store folder {root} "
-                f"({exc.strerror or exc}). Fix strategy.store_dir (now "
+                f"({problem}). Fix strategy.store_dir (now "
                 f"{config.strategy.store_dir!r}; empty: inside the run directory) to name a "
                 "folder Kiln can create and write to, or free disk space."
-            ) from None
+            )
+        self.store = ChunkStore(root, direct=config.strategy.direct_io)
         self.budget = resolve_budget(config.strategy.memory_budget, device)
         self.stats = IOStats()
         self.versions = ChunkVersions(self.store, self.plan)
@@ -188,8 +207,20 @@ class StreamedTraining:
         self._release_model()
 
     def resume(self) -> dict[str, Any] | None:
-        """The trainer state of the last commit (chunks verified), or None before the first."""
+        """The trainer state of the last commit (chunks verified), or None before the first.
+
+        Raises ``CheckpointError`` if the store folder is missing although the run has logged
+        steps: starting again from step 0 would silently throw them away.
+        """
         state = self.versions.resume()
+        if state is None and not self.store.root.is_dir() and read_metrics(self.run_dir):
+            raise CheckpointError(
+                f"run {self.run_dir} has trained, but its chunk store {self.store.root} does not "
+                "exist: it was moved or deleted, or strategy.store_dir changed since (now "
+                f"{self.cfg.strategy.store_dir!r}; empty: inside the run directory). Set "
+                f"strategy.store_dir in {self.run_dir / SNAPSHOT} to the folder that holds the "
+                f"store (as {self.run_dir.name}/{MANIFEST}), or start a new run."
+            )
         if state is not None:
             # The chunk names matched; an edited model size can still change their tensors.
             found: dict[str, tuple[int, ...]] = {}
@@ -231,8 +262,10 @@ class StreamedTraining:
                 self.plan.params[name].data = tensors[name].to(self.device, copy=True)
 
     def close(self) -> None:
-        """Wait for the last commit, stop the I/O threads and delete the store's spare files."""
+        """Wait for the last commit, stop the I/O threads, delete the store's spare files and
+        release the store."""
         if self.cache is None:
+            self.store.unlock()
             return
         try:
             self.versions.flush()
@@ -240,6 +273,7 @@ class StreamedTraining:
             self.cache.close()
             self.cache = None
             self.store.drop_spares()
+            self.store.unlock()
 
     # ------------------------------------------------------------------ the step
 
@@ -393,7 +427,8 @@ class StreamedTraining:
                 self._update(j, [n for n in plan.owned[j] if n in acc], acc, update)
                 self._release(j)
                 continue
-            names = plan.used[j]
+            # Frozen parameters get no gradient, as in memory (where backward skips them).
+            names = [n for n in plan.used[j] if plan.params[n].requires_grad]
             leaves = [plan.params[n] for n in names]
             acc: dict[str, torch.Tensor] = {}
             downstream: list[torch.Tensor | None] = []
@@ -418,7 +453,8 @@ class StreamedTraining:
                                     st.sums.get(name, 0.0) + value.detach().float() * st.weights[m]
                                 )
                 wrt = [*leaves, x_in] if x_in.requires_grad else leaves
-                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True)
+                # Nothing to differentiate: a frozen first chunk fed token ids.
+                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True) if wrt else ()
                 for name, g in zip(names, grads[: len(names)], strict=True):
                     if g is not None:
                         self._accumulate(j, m, name, g, acc, held, len(st.micros))

@@ -28,11 +28,13 @@ freshly created optimizer state, version 0 from the model) are written through t
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import itertools
 import json
 import math
 import os
+import re
 import struct
 import threading
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from kiln.streaming import checksum
 from kiln.streaming.memory import mapped_empty
 
 MANIFEST = "MANIFEST.json"
+LOCK = "STORE.lock"  # held by the one process that writes the store
 FORMAT_VERSION = 2  # 1 listed a part's CRC-32 as "crc32"; still read
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -58,6 +61,13 @@ _TORCH_DTYPES = {v: k for k, v in _DTYPES.items()}
 _IO_BLOCK = 8 << 20
 _ALIGN = 4096  # direct I/O: buffer address, file offset and length in whole blocks
 _SPARE = ".spare"  # suffix of a retired part file kept for recycling
+# Every file a store creates; only these are ever deleted: the store's folder may hold other
+# files (a store_dir equal to run.root makes it the run directory itself).
+_OWN_FILE = re.compile(
+    r"c\d{4}-.+\.\w+\.v\d{8}\.safetensors(\.tmp)?"  # part files and their temporaries
+    r"|\d{8}\.spare"  # spares (_SPARE)
+    r"|\.MANIFEST\.json\..+\.tmp"  # the manifest's temporary (fsio.atomic_writer)
+)
 
 
 @dataclass(frozen=True)
@@ -176,7 +186,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def _open_direct(path: Path, flags: int) -> int | None:
     """A descriptor of ``path`` opened for direct I/O, or None where that is not supported."""
     try:
-        return os.open(path, flags | os.O_DIRECT)
+        return os.open(path, flags | os.O_DIRECT, 0o666)  # as open() creates: not executable
     except (AttributeError, OSError):  # no O_DIRECT here, or the filesystem refuses it
         return None
 
@@ -278,12 +288,45 @@ class ChunkStore:
     """A folder of chunk part files plus the manifest that says which versions are current."""
 
     def __init__(self, root: Path, *, direct: bool = True) -> None:
-        self.root = Path(root)
+        self.root = Path(root)  # made by ``create``, before the first write
         self.direct = direct
-        self.root.mkdir(parents=True, exist_ok=True)
         self._spares: dict[int, list[Path]] = {}  # by file size
         self._spare_names = itertools.count()
         self._lock = threading.Lock()  # spares: taken by writes, refilled by commits
+        self._lock_fd: int | None = None  # the store's flock, see ``lock``
+
+    def create(self) -> None:
+        """Make the store's folder; ``CheckpointError`` if the file system refuses."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_error(f"the chunk store folder {self.root}", exc) from exc
+
+    def lock(self) -> None:
+        """Hold the store for this process until ``unlock`` (or its end, even by SIGKILL).
+
+        Two runs writing one store would delete each other's files and overwrite each other's
+        manifest; the run's own lock cannot tell, since a copied run directory has its own.
+        """
+        if self._lock_fd is not None:
+            return
+        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(
+                f"the chunk store {self.root} is in use by another kiln process: two runs with "
+                "the same run id (a copied run directory?) share strategy.store_dir. Wait for "
+                "the other to end, or move this run's store to another strategy.store_dir."
+            ) from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Let another process open the store."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def part_path(self, chunk: int, name: str, part: str, version: int) -> Path:
         return self.root / f"c{chunk:04d}-{name}.{part}.v{version:08d}.safetensors"
@@ -370,7 +413,7 @@ class ChunkStore:
             self._spares = spares
 
     def sweep(self, manifest: dict[str, Any]) -> None:
-        """Delete files (part files, temporaries, spares) that ``manifest`` does not name."""
+        """Delete the store's files (part files, temporaries, spares) ``manifest`` does not name."""
         self._forget_spares()
         for path in self._unnamed(manifest):
             path.unlink(missing_ok=True)
@@ -387,8 +430,12 @@ class ChunkStore:
         return spares
 
     def _unnamed(self, manifest: dict[str, Any]) -> list[Path]:
-        keep = {rec["file"] for rec in iter_records(manifest)} | {MANIFEST}
-        return [p for p in self.root.iterdir() if p.name not in keep and p.is_file()]
+        keep = {rec["file"] for rec in iter_records(manifest)}
+        return [
+            p
+            for p in self.root.iterdir()
+            if p.name not in keep and _OWN_FILE.fullmatch(p.name) and p.is_file()
+        ]
 
     def verify(self, manifest: dict[str, Any]) -> None:
         """Check every file the manifest names (size and checksum); raise ``CheckpointError``."""

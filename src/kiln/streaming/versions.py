@@ -54,6 +54,8 @@ class ChunkVersions:
 
     def initialize(self) -> None:
         """Write version 0 of every chunk from the model's freshly initialised weights."""
+        self.store.create()
+        self.store.lock()
         self.store.sweep({"chunks": []})
         self._current = []
         for j, chunk in enumerate(self.plan.chunks):
@@ -67,6 +69,7 @@ class ChunkVersions:
         manifest = self.store.load_manifest()
         if manifest is None:
             return None
+        self.store.lock()
         names = [c.name for c in self.plan.chunks]
         if [c["name"] for c in manifest["chunks"]] != names:
             raise CheckpointError(
