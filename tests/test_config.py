@@ -102,6 +102,14 @@ def test_a_setting_the_job_never_reads_is_refused(overrides: list[str], named: s
         load_config(None, overrides)
 
 
+@pytest.mark.parametrize("job", ["lm", "hashtron", "lattice", "nca"])
+def test_a_run_snapshot_loads_again_as_a_config(job: str, tmp_path: Path) -> None:
+    # An export's config.yaml is the snapshot; resolving must not touch unread sections.
+    resolved = resolve_config(load_config(None, [f"job={job}"]))
+    (tmp_path / "config.yaml").write_text(resolved.to_yaml())
+    assert load_config(str(tmp_path / "config.yaml")).fingerprint() == resolved.fingerprint()
+
+
 def test_unread_sections_left_at_their_defaults_pass() -> None:
     for name in ("hashtron", "lattice", "nca", "smoke", "default", "streaming"):
         load_config(name)

@@ -1041,10 +1041,12 @@ class PathSetting:
 
 def path_settings(config: Config) -> list[PathSetting]:
     """Every path the config names: ``FilePath`` fields holding a path (not a packaged name, not
-    null) in the sections the run uses, and the hashtron task's ``path``/``root`` options."""
+    null) in the sections the job reads, and the hashtron task's ``path``/``root`` options.
+
+    The sections a job never reads keep their defaults, so its snapshot (an export's
+    config.yaml) loads again with ``load_config``."""
     found: list[PathSetting] = []
-    others = {name for name in JOB_SECTIONS if name != config.job}
-    _collect_paths(config, "", others, found)
+    _collect_paths(config, "", set(UNREAD_SECTIONS[config.job]), found)
     options = config.hashtron.task.options
     if config.job == "hashtron":
         for key in ("path", "root"):  # the csv/jsonl file and the MNIST folder
