@@ -89,6 +89,22 @@ def test_exponent_floats_are_floats_in_files_and_overrides(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [("536870912", 536870912), ("512MiB", 512 << 20), ("1.5GiB", 3 << 29), ("2 GB", 2 * 10**9),
+     ("1e9", 10**9), ("auto", "auto")],
+)
+def test_a_memory_budget_takes_a_size_with_a_unit(value: str, expected: int | str) -> None:
+    cfg = load_config(None, ["strategy.name=streaming", f"strategy.memory_budget={value}"])
+    assert cfg.strategy.memory_budget == expected
+
+
+@pytest.mark.parametrize("value", ["512mb", "0B", "-1", "1.5", "lots", "true"])
+def test_a_memory_budget_without_a_known_unit_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"strategy\.memory_budget: got"):
+        load_config(None, ["strategy.name=streaming", f"strategy.memory_budget={value}"])
+
+
+@pytest.mark.parametrize(
     ("overrides", "named"),
     [
         (["job=hashtron", "training.max_steps=50"], "training.max_steps"),
@@ -195,8 +211,10 @@ BAD_INPUTS = [
     ({"strategy": {"memory_budget": True}}, ["strategy.memory_budget", "not true/false"]),
     ({"model": {"dropout": True}}, ["model.dropout", "not true/false"]),
     # a count that may be 'auto' is one problem, in words, whatever the bad value
-    ({"strategy": {"memory_budget": "64MiB"}}, ["(1 problem)", "strategy.memory_budget: got "
-                                                "'64MiB'; expected a whole number >= 1 or 'auto'"]),
+    ({"strategy": {"memory_budget": "64mb"}}, ["(1 problem)", "strategy.memory_budget: got "
+                                               "'64mb'; expected a whole number of bytes >= 1"]),
+    ({"hardware": {"threads": "2x"}}, ["(1 problem)", "hardware.threads: got '2x'; expected a "
+                                       "whole number >= 1 or 'auto'"]),
     ({"hardware": {"threads": 0}}, ["(1 problem)", "hardware.threads: got 0"]),
     ({"optimizer": {"betas": [1.0, 0.99]}}, ["optimizer.betas[0]", "got 1.0", "less than 1"]),
     ({"objectives": {"weights": {"next_token": 0}}},

@@ -55,6 +55,30 @@ PositiveIntOrAuto = Annotated[
     PositiveInt | Literal["auto"], BeforeValidator(_positive_int_or_auto)
 ]
 
+_BYTE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+}  # fmt: skip
+_BYTE_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)\s*")
+
+
+def _byte_size_or_auto(value: Any) -> Any:
+    """Bytes as a whole number or a string with a unit ("512MiB", "1.5GB"), or 'auto'."""
+    if isinstance(value, str) and (match := _BYTE_SIZE.fullmatch(value)):
+        value = round(float(match[1]) * _BYTE_UNITS[match[2]])
+    elif isinstance(value, float) and value.is_integer():  # 1e9, as YAML writes large numbers
+        value = int(value)
+    try:
+        return _positive_int_or_auto(value)
+    except ValueError:
+        raise ValueError(
+            "a whole number of bytes >= 1, a size with a unit (B, KB, MB, GB, TB or KiB, MiB, "
+            "GiB, TiB; e.g. 512MiB) or 'auto'"
+        ) from None
+
+
+ByteSizeOrAuto = Annotated[PositiveInt | Literal["auto"], BeforeValidator(_byte_size_or_auto)]
+
 
 class FilePath:
     """Marks a str field as a file-system path: ``resolve_config`` makes a relative one absolute,
@@ -325,10 +349,11 @@ class StrategySection(Section):
         description="Collective timeout: a rank that dies or hangs fails the job after at most "
         "this long (must exceed the slowest checkpoint save or evaluation).",
     )
-    memory_budget: PositiveIntOrAuto = Field(
+    memory_budget: ByteSizeOrAuto = Field(
         "auto",
-        description="streaming: bytes of chunks, gradients and activations held in memory; "
-        "auto: half the available RAM (GPU memory when training on cuda).",
+        description="streaming: bytes of chunks, gradients and activations held in memory (a "
+        "number, or with a unit: 512MiB, 2GB); auto: half the available RAM (GPU memory when "
+        "training on cuda).",
     )
     store_dir: Annotated[str, FilePath()] | None = Field(
         None,
