@@ -183,14 +183,17 @@ def test_a_resume_whose_store_is_gone_is_refused_not_restarted(
     snapshot = run / "config_snapshot.yaml"
     snapshot.write_text(snapshot.read_text().replace(str(moved), str(elsewhere)))
     (run / "status").write_text("interrupted\n")
-    with pytest.raises(
-        CheckpointError,
-        match=rf"run {re.escape(str(run))} has trained, but its "
+    gone = (
+        rf"run {re.escape(str(run))} has trained, but its "
         rf"chunk store {re.escape(str(elsewhere / run.name))} does not exist.*"
-        r"strategy.store_dir changed since",
-    ):
+        r"strategy.store_dir changed since"
+    )
+    with pytest.raises(CheckpointError, match=gone):
         workflows.resume(run, echo=False)
     assert not elsewhere.exists() and [r["step"] for r in _rows(run)] == [1, 2]
+    # Reading the run (export, eval, generate) says the same, not "no checkpoints yet".
+    with pytest.raises(CheckpointError, match=gone):
+        workflows.export_run(run, tmp_path / "bundle")
 
 
 class _OwnJob:

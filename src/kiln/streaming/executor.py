@@ -68,6 +68,23 @@ def store_root(config: Config, run_dir: Path) -> Path:
     return Path(s.store_dir).expanduser() / run_dir.name if s.store_dir else run_dir / "stream"
 
 
+def refuse_a_missing_store(config: Config, run_dir: Path) -> None:
+    """``CheckpointError`` if the run has logged steps but its chunk store folder is missing.
+
+    Resuming would silently start again from step 0, and reading the run would say it has not
+    trained yet; both would hide that the store moved or ``strategy.store_dir`` changed.
+    """
+    root = store_root(config, run_dir)
+    if not root.is_dir() and read_metrics(run_dir):
+        raise CheckpointError(
+            f"run {run_dir} has trained, but its chunk store {root} does not exist: it was "
+            "moved or deleted, or strategy.store_dir changed since (now "
+            f"{config.strategy.store_dir!r}; empty: inside the run directory). Set "
+            f"strategy.store_dir in {run_dir / SNAPSHOT} to the folder that holds the store "
+            f"(as {run_dir.name}/{MANIFEST}), or start a new run."
+        )
+
+
 def _uncreatable(folder: Path) -> str | None:
     """Why ``folder`` could not be created (its nearest existing ancestor is a file or is not
     writable), or None if it exists or can be made."""
@@ -213,14 +230,8 @@ class StreamedTraining:
         steps: starting again from step 0 would silently throw them away.
         """
         state = self.versions.resume()
-        if state is None and not self.store.root.is_dir() and read_metrics(self.run_dir):
-            raise CheckpointError(
-                f"run {self.run_dir} has trained, but its chunk store {self.store.root} does not "
-                "exist: it was moved or deleted, or strategy.store_dir changed since (now "
-                f"{self.cfg.strategy.store_dir!r}; empty: inside the run directory). Set "
-                f"strategy.store_dir in {self.run_dir / SNAPSHOT} to the folder that holds the "
-                f"store (as {self.run_dir.name}/{MANIFEST}), or start a new run."
-            )
+        if state is None:
+            refuse_a_missing_store(self.cfg, self.run_dir)
         if state is not None:
             # The chunk names matched; an edited model size can still change their tensors.
             found: dict[str, tuple[int, ...]] = {}

@@ -8,7 +8,7 @@ from typing import Any
 from kiln.checkpoint import CheckpointInfo
 from kiln.config import Config
 from kiln.errors import CheckpointError
-from kiln.streaming.executor import store_root
+from kiln.streaming.executor import refuse_a_missing_store, store_root
 from kiln.streaming.store import MANIFEST, ChunkStore, PartRecord, decode_state_json
 from kiln.streaming.versions import WEIGHTS
 
@@ -23,10 +23,14 @@ def committed_checkpoint(
     ``state["model"]`` has the model's state-dict keys in its order (a tied key maps to the same
     tensor as its owner); every chunk file is checked against its checksum while it is read.
     A run that is still training may commit while its files are read: then the newer commit
-    is read. None if the run is not streamed or has not committed a step yet.
+    is read. None if the run is not streamed or has not committed a step yet; a
+    ``CheckpointError`` if its store is missing although it has trained.
     """
+    if config.strategy.name != "streaming":
+        return None
+    refuse_a_missing_store(config, Path(run_dir))
     root = store_root(config, Path(run_dir))
-    if config.strategy.name != "streaming" or not (root / MANIFEST).is_file():
+    if not (root / MANIFEST).is_file():
         return None
     store = ChunkStore(root)
     for attempt in range(_READ_ATTEMPTS):
