@@ -290,6 +290,11 @@ def test_mnist_idx(tmp_path: Path, gz: bool, monkeypatch: pytest.MonkeyPatch) ->
     task = load_task(TaskSettings(name="mnist_idx", options={"root": str(tmp_path),
                                                              "features": 16}))
     assert task.eval is not None and len(task.eval) == 4 and task.layers[-1]["width"] == 4
+    # Its eval set is MNIST's test set: a split setting would silently do nothing.
+    for key, value in (("eval_fraction", 0.5), ("split_seed", 3)):
+        settings = TaskSettings(name="mnist_idx", options={"root": str(tmp_path)}, **{key: value})
+        with pytest.raises(ConfigError, match=rf"hashtron\.task\.{key}: mnist_idx evaluates on"):
+            load_task(settings)
 
 
 def test_mnist_checksums_and_corruption(tmp_path: Path) -> None:

@@ -506,6 +506,13 @@ def load_task(settings: TaskSettings | None = None) -> Task:
                         f"path of your {name} data file (a relative path is taken from the "
                         "folder kiln runs in)")
     if name == "mnist_idx":
+        default = TaskSettings()
+        for key in ("eval_fraction", "split_seed"):
+            if getattr(settings, key) != getattr(default, key):
+                raise ConfigError(
+                    f"hashtron.task.{key}: mnist_idx evaluates on MNIST's own test set and "
+                    f"splits nothing, so {getattr(settings, key)!r} would change nothing; remove "
+                    "it (eval_limit and train_limit in hashtron.task.options cap the two sets)")
         train, eval_ = mnist_idx(**options)
     else:
         full = _DATASETS[name](**options)
