@@ -232,16 +232,16 @@ class StreamedTraining:
         state = self.versions.resume()
         if state is None:
             refuse_a_missing_store(self.cfg, self.run_dir)
-        if state is not None:
-            # The chunk names matched; an edited model size can still change their tensors.
-            found: dict[str, tuple[int, ...]] = {}
-            for j in range(len(self.plan.chunks)):
-                record = self.versions.record(j, WEIGHTS)
-                assert record is not None  # every chunk has weights from version 0 on
-                found |= self.store.shapes(record)
-            expected = {name: tuple(shape) for name, shape in self.plan.shapes.items()}
-            check_shapes(self.store.root / MANIFEST, expected, found)
-            self._release_model()
+            return None
+        # The chunk names matched; an edited model size can still change their tensors.
+        found: dict[str, tuple[int, ...]] = {}
+        for j in range(len(self.plan.chunks)):
+            record = self.versions.record(j, WEIGHTS)
+            assert record is not None  # every chunk has weights from version 0 on
+            found |= self.store.shapes(record)
+        expected = {name: tuple(shape) for name, shape in self.plan.shapes.items()}
+        check_shapes(self.store.root / MANIFEST, expected, found)
+        self._release_model()
         return state
 
     def commit(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
