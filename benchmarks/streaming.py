@@ -17,18 +17,26 @@ What is measured, in one run
     3. Compute-bound regime: the same GPT with a large batch, streamed under a budget that
        holds every chunk (``auto``) against in-memory training (``strategy.name: single``) of
        the same config; with the default clipping and with ``grad_clip: 0``.
+    ``--throttle READ,WRITE`` (MiB/s, root only) runs everything under a block-I/O limit on the
+    store's disk (a cgroup: v2 ``io.max`` or v1 ``blkio.throttle``), for two reasons: a shared
+    virtual disk's own speed drifts by 2x from minute to minute, which makes a fraction of its
+    bound say more about the minute than about the executor; and a limited disk is what
+    streaming is for. The limits are per direction, so reads and writes can both run at their
+    limit at once: under a throttle the bound is ``max(bytes read / read bandwidth, bytes
+    written / write bandwidth)`` (stricter than the sum).
 The first step of each run is a warm-up and is not counted; step time is the trainer's own
 per-step time (``tokens_per_sec`` in metrics.jsonl), which for streaming includes waiting for every
 read the step needs and for any earlier write of a chunk it updates (a step's writes and its commit
 overlap the next step).
 
 Options: ``--store DIR`` (where runs and the chunk store go; default a temporary folder under
-``/tmp``), ``--steps`` (counted steps per run), ``--probe-mib``, ``--json FILE``.
+``/tmp``), ``--steps`` (counted steps per run), ``--probe-mib``, ``--throttle``, ``--json FILE``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import mmap
@@ -39,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +91,48 @@ def disk_bandwidth(folder: Path, mib: int) -> dict[str, float]:
     return {kind: statistics.median(values) for kind, values in rates.items()}
 
 
+def whole_disk(folder: Path) -> str:
+    """``major:minor`` of the disk (not the partition) that holds ``folder``: what cgroups limit."""
+    dev = os.stat(folder).st_dev
+    sys_dev = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sys_dev.exists():
+        sys.exit(f"--throttle: {folder} is not on a block device (tmpfs? overlay?); choose a "
+                 "--store on a disk")
+    if (sys_dev / "partition").exists():
+        sys_dev = sys_dev.resolve().parent
+    return (sys_dev / "dev").read_text().strip()
+
+
+@contextlib.contextmanager
+def throttled(folder: Path, read_mib: int, write_mib: int) -> Iterator[None]:
+    """Run this process, and the processes it starts, under read and write limits (MiB/s)
+    on the disk that holds ``folder``."""
+    disk, rbps, wbps = whole_disk(folder), read_mib << 20, write_mib << 20
+    controllers = Path("/sys/fs/cgroup/cgroup.controllers")
+    if controllers.exists() and "io" in controllers.read_text().split():  # cgroup v2
+        home = controllers.parent
+        group = home / "kiln-bench"
+        writes = [(home / "cgroup.subtree_control", "+io"),
+                  (group / "io.max", f"{disk} rbps={rbps} wbps={wbps}")]
+    else:
+        home = Path("/sys/fs/cgroup/blkio")
+        group = home / "kiln-bench"
+        writes = [(group / "blkio.throttle.read_bps_device", f"{disk} {rbps}"),
+                  (group / "blkio.throttle.write_bps_device", f"{disk} {wbps}")]
+    try:
+        group.mkdir(exist_ok=True)
+        for path, value in [*writes, (group / "cgroup.procs", str(os.getpid()))]:
+            path.write_text(value)
+    except OSError as exc:
+        sys.exit(f"--throttle needs root and a cgroup with the block-I/O controller at {group}: "
+                 f"{exc}")
+    try:
+        yield
+    finally:
+        (home / "cgroup.procs").write_text(str(os.getpid()))
+        group.rmdir()
+
+
 def train_rows(
     root: Path, overrides: list[str], steps: int, model: list[str] = MODEL
 ) -> tuple[list[dict], int]:
@@ -93,9 +144,10 @@ def train_rows(
             f"training.max_steps={steps + 1}", "eval.every_steps=0", "sample.max_new_tokens=0",
             "logging.every_steps=1", "schedule.warmup_steps=1", *model, *overrides]
     command = [sys.executable, "-m", "kiln", "train", "--config", "smoke"]
+    earlier = set(root.iterdir()) if root.exists() else set()  # runs of an earlier invocation
     subprocess.run([*command, *[x for s in sets for x in ("--set", s)]], check=True,
                    stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(SRC)})
-    (run,) = root.iterdir()
+    (run,) = set(root.iterdir()) - earlier
     params = int(next(
         line.split("GPT ")[1].split(" parameters")[0].replace(",", "")
         for line in (run / "train.log").read_text().splitlines() if "parameters;" in line
@@ -108,7 +160,9 @@ def step_seconds(row: dict, tokens: int) -> float:
     return tokens / row["tokens_per_sec"]
 
 
-def io_bound(root: Path, steps: int, probe_mib: int, threads: int) -> dict[str, Any]:
+def io_bound(
+    root: Path, steps: int, probe_mib: int, threads: int, throttled: bool
+) -> dict[str, Any]:
     """The I/O-bound run; the disk is measured just before and just after it (it drifts on a
     shared machine) and the bound uses the mean of the two."""
     seq, budget = 8, 64 << 20
@@ -123,10 +177,15 @@ def io_bound(root: Path, steps: int, probe_mib: int, threads: int) -> dict[str, 
     # The store overwrites recycled files where it can: bound writes by the faster way.
     write_bw, read_bw = max(disk["new"], disk["over"]), disk["read"]
     achieved = [step_seconds(r, seq) for r in rows]
-    bound = [r["stream_bytes_read"] / read_bw + r["stream_bytes_written"] / write_bw for r in rows]
+    # One device serves reads and writes in turn: their times add up. Under per-direction
+    # limits both can run at their limit at once, and the slower direction is the bound.
+    combine = max if throttled else sum
+    bound = [combine((r["stream_bytes_read"] / read_bw, r["stream_bytes_written"] / write_bw))
+             for r in rows]
     moved = [(r["stream_bytes_read"] + r["stream_bytes_written"]) / params for r in rows]
     return {
         "disk_before": before, "disk_after": after, "threads": threads, "params": params,
+        "bound": "slower direction" if throttled else "reads + writes",
         "state_bytes": 12 * params, "budget": budget,
         "tokens_per_step": seq,
         "step_sec": statistics.median(achieved), "bound_sec": statistics.median(bound),
@@ -172,12 +231,21 @@ def main() -> None:
     parser.add_argument("--probe-mib", type=int, default=512)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--io-only", action="store_true", help="skip the compute-bound runs")
+    parser.add_argument("--throttle", default=None, metavar="READ,WRITE",
+                        help="limit the store's disk to these MiB/s (root; see the docstring)")
     args = parser.parse_args()
     root = args.store or Path(tempfile.mkdtemp(prefix="kiln-stream-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
-    # With one compute thread the I/O threads keep a core of their own on a small machine.
-    io = [io_bound(root, args.steps, args.probe_mib, threads) for threads in (1, 2)]
+    with contextlib.ExitStack() as stack:
+        if args.throttle:
+            read_mib, write_mib = (int(x) for x in args.throttle.split(","))
+            stack.enter_context(throttled(root, read_mib, write_mib))
+            print(f"disk {whole_disk(root)} throttled to {read_mib} MiB/s read, "
+                  f"{write_mib} MiB/s write")
+        # With one compute thread the I/O threads keep a core of their own on a small machine.
+        io = [io_bound(root, args.steps, args.probe_mib, threads, bool(args.throttle))
+              for threads in (1, 2)]
     for r in io:
         disk = "; ".join(
             f"{when} write {d['new'] / 2**20:.0f} new / {d['over'] / 2**20:.0f} over, "
@@ -187,10 +255,11 @@ def main() -> None:
         print(f"I/O-bound, {r['threads']} compute threads: {r['params']:,} params "
               f"({r['state_bytes'] / 2**20:.0f} MiB of state), budget {r['budget'] >> 20} MiB: "
               f"step {r['step_sec']:.2f} s, bound {r['bound_sec']:.2f} s -> "
-              f"{100 * r['fraction_of_bound']:.0f}% of the bound; waited {r['io_wait_sec']:.2f} s "
-              f"for I/O; {r['read_per_param']:.1f} B read + {r['write_per_param']:.1f} B written "
-              f"per param; I/O in progress {100 * r['io_busy_fraction']:.0f}% of the step, "
-              f"moving {r['busy_bandwidth'] / 2**20:.0f} MiB/s meanwhile")
+              f"{100 * r['fraction_of_bound']:.0f}% of the bound ({r['bound']}); "
+              f"waited {r['io_wait_sec']:.2f} s for I/O; {r['read_per_param']:.1f} B read + "
+              f"{r['write_per_param']:.1f} B written per param; I/O in progress "
+              f"{100 * r['io_busy_fraction']:.0f}% of the step, moving "
+              f"{r['busy_bandwidth'] / 2**20:.0f} MiB/s meanwhile")
     compute = [] if args.io_only else [compute_bound(root, args.steps, c) for c in (1.0, 0.0)]
     for c in compute:
         print(f"compute-bound, grad_clip {c['grad_clip']}: {c['tokens_per_step']} tokens/step, "
@@ -201,7 +270,7 @@ def main() -> None:
     result = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-        "io_bound": io, "compute_bound": compute,
+        "throttle_mib_per_sec": args.throttle, "io_bound": io, "compute_bound": compute,
     }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
