@@ -16,8 +16,8 @@ from kiln.config import Config
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError
 from kiln.run import read_metrics
-from kiln.streaming.executor import store_root
 from kiln.streaming.export import committed_checkpoint
+from kiln.streaming.location import STORE_RECORD, store_root
 from kiln.streaming.store import MANIFEST
 
 ConfigFactory = Callable[..., Config]
@@ -43,6 +43,7 @@ def test_resume_without_a_checkpoint_drops_the_metrics_of_the_lost_steps(
     # As if killed before the first checkpoint (the first commit), with its rows logged.
     if strategy == "streaming":
         (store_root(config, run) / MANIFEST).unlink()
+        (run / STORE_RECORD).unlink()
     else:
         for info in list_checkpoints(run / "checkpoints"):
             for file in info.path.iterdir():

@@ -27,7 +27,8 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.jobs.lm import prepare_data
 from kiln.run import read_metrics
 from kiln.streaming import store as store_module
-from kiln.streaming.executor import StreamedTraining, store_root
+from kiln.streaming.executor import StreamedTraining
+from kiln.streaming.location import store_root
 from kiln.streaming.store import MANIFEST
 
 ConfigFactory = Callable[..., Config]
@@ -166,34 +167,6 @@ def test_a_store_dir_equal_to_the_run_root_keeps_the_run_directorys_files(
     for name in ("config_snapshot.yaml", "train.log", "metrics.jsonl", "status", "lock"):
         assert (run / name).is_file(), f"the store deleted the run's {name}"
     assert _rows(run)[-1]["step"] == 2 and (run / MANIFEST).is_file()
-
-
-def test_a_resume_whose_store_is_gone_is_refused_not_restarted(
-    smoke_config: ConfigFactory, tmp_path: Path
-) -> None:
-    moved, elsewhere = tmp_path / "store-a", tmp_path / "store-b"
-    config = smoke_config(
-        *STREAM,
-        "training.max_steps=2",
-        "eval.every_steps=0",
-        "logging.every_steps=1",
-        f"strategy.store_dir={moved}",
-    )
-    run = workflows.train(config, echo=False).run_dir
-    snapshot = run / "config_snapshot.yaml"
-    snapshot.write_text(snapshot.read_text().replace(str(moved), str(elsewhere)))
-    (run / "status").write_text("interrupted\n")
-    gone = (
-        rf"run {re.escape(str(run))} has trained, but its "
-        rf"chunk store {re.escape(str(elsewhere / run.name))} does not exist.*"
-        r"strategy.store_dir changed since"
-    )
-    with pytest.raises(CheckpointError, match=gone):
-        workflows.resume(run, echo=False)
-    assert not elsewhere.exists() and [r["step"] for r in _rows(run)] == [1, 2]
-    # Reading the run (export, eval, generate) says the same, not "no checkpoints yet".
-    with pytest.raises(CheckpointError, match=gone):
-        workflows.export_run(run, tmp_path / "bundle")
 
 
 class _OwnJob:

@@ -49,40 +49,17 @@ from kiln.engine.allocator import map_large_allocations, release_free_memory
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.optim import build_optimizer
 from kiln.engine.precision import autocast
-from kiln.errors import CheckpointError, ConfigError
-from kiln.run import SNAPSHOT, read_metrics
+from kiln.errors import ConfigError
 from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
 from kiln.streaming.chunks import build_plan
+from kiln.streaming.location import note_committed, refuse_a_missing_store, store_root
 from kiln.streaming.memory import current_rss, peak_rss, reset_peak
 from kiln.streaming.store import MANIFEST, ChunkStore
 from kiln.streaming.versions import STATE, WEIGHTS, ChunkVersions
 
 # Bytes of optimizer state per byte of weight, for the budget check.
 _STATE_PER_WEIGHT = {"adamw": 2, "sgd": 1}
-
-
-def store_root(config: Config, run_dir: Path) -> Path:
-    """Where a run's chunk store lives."""
-    s = config.strategy
-    return Path(s.store_dir).expanduser() / run_dir.name if s.store_dir else run_dir / "stream"
-
-
-def refuse_a_missing_store(config: Config, run_dir: Path) -> None:
-    """``CheckpointError`` if the run has logged steps but its chunk store folder is missing.
-
-    Resuming would silently start again from step 0, and reading the run would say it has not
-    trained yet; both would hide that the store moved or ``strategy.store_dir`` changed.
-    """
-    root = store_root(config, run_dir)
-    if not root.is_dir() and read_metrics(run_dir):
-        raise CheckpointError(
-            f"run {run_dir} has trained, but its chunk store {root} does not exist: it was "
-            "moved or deleted, or strategy.store_dir changed since (now "
-            f"{config.strategy.store_dir!r}; empty: inside the run directory). Set "
-            f"strategy.store_dir in {run_dir / SNAPSHOT} to the folder that holds the store "
-            f"(as {run_dir.name}/{MANIFEST}), or start a new run."
-        )
 
 
 def _uncreatable(folder: Path) -> str | None:
@@ -197,7 +174,9 @@ class StreamedTraining:
         self.store = ChunkStore(root, direct=config.strategy.direct_io)
         self.budget = resolve_budget(config.strategy.memory_budget, device)
         self.stats = IOStats()
-        self.versions = ChunkVersions(self.store, self.plan)
+        self.versions = ChunkVersions(
+            self.store, self.plan, first_commit=lambda: note_committed(self.run_dir, root)
+        )
         self.cache: ChunkCache | None = None
         self.metrics: dict[str, float] = {}
         self._empty = {n: torch.empty(0, dtype=d) for n, d in self.plan.dtypes.items()}
@@ -226,13 +205,14 @@ class StreamedTraining:
     def resume(self) -> dict[str, Any] | None:
         """The trainer state of the last commit (chunks verified), or None before the first.
 
-        Raises ``CheckpointError`` if the store folder is missing although the run has logged
-        steps: starting again from step 0 would silently throw them away.
+        Raises ``CheckpointError`` if the run has committed but its store has no manifest:
+        starting again from step 0 would silently throw its steps away.
         """
         state = self.versions.resume()
         if state is None:
             refuse_a_missing_store(self.cfg, self.run_dir)
             return None
+        note_committed(self.run_dir, self.store.root)  # a run from before the note has none
         # The chunk names matched; an edited model size can still change their tensors.
         found: dict[str, tuple[int, ...]] = {}
         for j in range(len(self.plan.chunks)):

@@ -8,7 +8,7 @@ from typing import Any
 from kiln.checkpoint import CheckpointInfo
 from kiln.config import Config
 from kiln.errors import CheckpointError
-from kiln.streaming.executor import refuse_a_missing_store, store_root
+from kiln.streaming.location import refuse_a_missing_store, store_root
 from kiln.streaming.store import MANIFEST, ChunkStore, PartRecord, decode_state_json
 from kiln.streaming.versions import WEIGHTS
 

@@ -35,9 +35,13 @@ def _copy(records: Records) -> Records:
 class ChunkVersions:
     """The version table of a chunk store, and its commits."""
 
-    def __init__(self, store: ChunkStore, plan: ChunkPlan) -> None:
+    def __init__(
+        self, store: ChunkStore, plan: ChunkPlan, first_commit: Callable[[], None] = lambda: None
+    ) -> None:
+        """``first_commit`` runs once, after this process's first commit is on disk."""
         self.store = store
         self.plan = plan
+        self._first_commit: Callable[[], None] | None = first_commit
         self._current: Records | None = None
         self._committed: Records = []
         self._publishing: Future[None] | None = None
@@ -125,6 +129,9 @@ class ChunkVersions:
                 }
             )
             self._committed = _copy(current)
+            if self._first_commit is not None:
+                self._first_commit()
+                self._first_commit = None
 
         if cache is None:  # nothing is in flight
             publish()
