@@ -632,6 +632,28 @@ class LatticeSection(Section):
         "stores them channels-first (B, K, D, H, W) and permutes per batch.",
     )
 
+    @model_validator(mode="after")
+    def _output_can_depend_on_the_question(self) -> LatticeSection:
+        """Refuse shapes that run but would train a constant: no question reaches the answer."""
+        steps = self.steps if self.steps is not None else self.depth - 1
+        # A step moves information by one cell, so the front face needs depth - 1 steps to reach
+        # the back face; a periodic boundary makes the two faces neighbours.
+        if self.boundary != "periodic" and steps < self.depth - 1:
+            raise ValueError(
+                f"lattice.steps {steps} is fewer than lattice.depth - 1 ({self.depth - 1}): "
+                "the question written on the front face would never reach the back face the "
+                "answer is read from; set lattice.steps to at least depth - 1 (or null), or use "
+                "lattice.boundary: periodic"
+            )
+        if self.channels < 2:
+            # LayerNorm over a single channel is 0 for every input: the cells would see nothing.
+            raise ValueError(
+                "lattice.channels 1: a cell normalises its neighbours' channels, and one channel "
+                "normalises to 0 whatever it holds, so no state could pass between cells; set "
+                "lattice.channels to 2 or more"
+            )
+        return self
+
 
 class NcaSection(Section):
     """The Growing Neural Cellular Automata job (``job: nca``): a 2-D automaton grown from one

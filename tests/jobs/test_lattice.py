@@ -270,25 +270,25 @@ def test_too_few_training_pairs_name_every_setting_that_decides_it(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    ("overrides", "fragment"),
+    ("setting", "fragment"),
     [
-        (("lattice.steps=1",), "lattice.steps 1 is fewer than lattice.depth - 1 (2)"),
-        (("lattice.channels=1",), "set lattice.channels to 2 or more"),
+        ({"steps": 1}, "lattice.steps 1 is fewer than lattice.depth - 1 (2)"),
+        ({"channels": 1}, "set lattice.channels to 2 or more"),
     ],
 )
 def test_settings_that_cut_the_question_from_the_answer_are_refused(
-    tmp_path: Path, overrides: tuple[str, ...], fragment: str
+    tmp_path: Path, setting: dict[str, int], fragment: str
 ) -> None:
     """Either setting gives a lattice whose output is the same for every question."""
-    cfg = tiny_config(tmp_path, *overrides)
-    job_shape = lattice_shape(cfg.lattice)
+    unchecked = tiny_config(tmp_path).lattice.model_copy(update=setting)  # skips validation
+    job_shape = lattice_shape(unchecked)
     model = AdaptedLattice(job_shape, 16)
     state = seed_state(job_shape, 1.0).expand(2, *seed_state(job_shape, 1.0).shape)
     outputs = model(torch.randn(2, 16), state).output
     assert torch.equal(outputs[0], outputs[1])  # the failure the check prevents
+    (key, value), = setting.items()
     with pytest.raises(ConfigError, match=re.escape(fragment)):
-        workflows.train(cfg, echo=False)
-    assert not any((tmp_path / "experiments").iterdir())  # no run directory is left
+        tiny_config(tmp_path, f"lattice.{key}={value}")
 
 
 def test_a_periodic_boundary_lets_fewer_steps_reach_the_back_face(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from kiln.data.dialogue import load_dialogue_pairs, split_pairs
 from kiln.data.embedding_cache import EmbeddingCache
 from kiln.data.text_encoders import build_encoder
 from kiln.engine.precision import autocast
-from kiln.errors import ConfigError, DataError
+from kiln.errors import DataError
 from kiln.jobs.lattice_pool import LatticePool
 from kiln.models.lattice import LatticeShape
 from kiln.models.lattice_adapter import AdaptedLattice, seed_state
@@ -54,31 +54,6 @@ def lattice_shape(section: LatticeSection) -> LatticeShape:
         inject=section.inject, input_dim=face, output_dim=face,
         checkpoint=section.activation_checkpointing,
     )
-
-
-def check_trainable(section: LatticeSection) -> None:
-    """Refuse settings under which the output cannot depend on the question.
-
-    The schema accepts them (the model runs), but training would fit a constant: a
-    ``ConfigError`` naming the key, raised at start-up.
-    """
-    steps = section.steps if section.steps is not None else section.depth - 1
-    # A step moves information by one cell, so the front face needs depth - 1 steps to reach
-    # the back face; a periodic boundary makes the two faces neighbours.
-    if section.boundary != "periodic" and steps < section.depth - 1:
-        raise ConfigError(
-            f"lattice.steps {steps} is fewer than lattice.depth - 1 ({section.depth - 1}): "
-            "the question written on the front face would never reach the back face the "
-            "answer is read from; set lattice.steps to at least depth - 1 (or null), or use "
-            "lattice.boundary: periodic"
-        )
-    if section.channels < 2:
-        # LayerNorm over a single channel is 0 for every input: the cells would see nothing.
-        raise ConfigError(
-            "lattice.channels 1: a cell normalises its neighbours' channels, and one channel "
-            "normalises to 0 whatever it holds, so no state could pass between cells; set "
-            "lattice.channels to 2 or more"
-        )
 
 
 def build_model(config: Config, encoder_dim: int) -> AdaptedLattice:
@@ -116,7 +91,6 @@ class LatticeJob:
         self.config = config
         self.device = device
         section = config.lattice
-        check_trainable(section)
         self.weights = {name: float(getattr(section.loss, name)) for name in COMPONENTS}
         shape = lattice_shape(section)
         samples = config.training.micro_batch_size * config.training.grad_accum_steps
