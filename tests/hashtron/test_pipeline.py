@@ -184,6 +184,7 @@ def test_resume_mid_run_is_byte_exact(direction: str) -> None:
         rest = [_row(r) for r in resumed.run()]
         assert rest == reports[k:], k
         assert _net_bytes(resumed.network) == _net_bytes(whole.network)
+        assert resumed.summary() == whole.summary(), k
         a = resumed.cache.state_dict(deterministic_only=True)
         b = whole.cache.state_dict(deterministic_only=True)
         assert a["runs"] == b["runs"] and a["prune_at"] == b["prune_at"]

@@ -97,6 +97,10 @@ def assert_same_training(a: Path, b: Path, out_root: Path) -> None:
     assert rows_a == rows_b
     steps = [r["step"] for r in rows_a if "event" not in r]
     assert steps == list(range(1, len(steps) + 1)), "metrics rows repeat or skip after resume"
+    summaries = [json.loads((run / "metrics.json").read_text()) for run in (a, b)]
+    for summary in summaries:
+        del summary["run_id"], summary["wall_time_sec"]
+    assert summaries[0] == summaries[1]
 
 
 # ---------------------------------------------------------------------- one run

@@ -455,7 +455,7 @@ class HashtronPipeline:
                 "epochs": self.epoch, "done": self.finished, "train_accuracy": train,
                 "eval_accuracy": ev, "generalisation_gap": None if ev is None else train - ev,
                 "premodulo_margin_r2": None if math.isnan(r2) else r2,
-                "cache_records": len(self.cache), "cache_bytes": self.cache.nbytes,
+                "cache_records": len(self.cache), "cache_bytes": self.cache.used_nbytes,
                 "gold_per_layer": gold, "network_bytes": self.network.nbytes}
 
     def premodulo_margin_r2(self, *, log: bool = True, phase: int | None = 1) -> float:
