@@ -347,3 +347,20 @@ def test_readme_documents_every_config_key() -> None:
 
 def test_packaged_default_is_the_schema_default() -> None:
     assert load_config("default") == Config()
+
+
+def test_passk_ks_that_no_n_can_estimate_are_refused_before_the_run() -> None:
+    # Otherwise training runs to its first evaluation and only then fails.
+    with pytest.raises(ConfigError, match=r"eval\.passk: no k in ks \[5\] .* n = 2"):
+        load_config("smoke", ["eval.passk.n=2", "eval.passk.ks=[5]"])
+    assert load_config("smoke", ["eval.passk.n=2", "eval.passk.ks=[1, 5]"]).eval.passk.ks == [1, 5]
+
+
+def test_a_relative_passk_problems_file_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kiln eval` and `kiln resume` from another folder must read the same problems."""
+    monkeypatch.chdir(tmp_path)
+    resolved = resolve_config(load_config("smoke", ["eval.passk.problems=problems.jsonl"]))
+    assert resolved.eval.passk.problems == str(tmp_path / "problems.jsonl")
+    assert resolve_config(load_config("smoke")).eval.passk.problems == "packaged"

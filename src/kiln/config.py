@@ -400,7 +400,7 @@ class CompileEvalSection(SamplingSection):
 class PassAtKSection(SamplingSection):
     """pass@k on function-completion problems with unit tests (runs generated code)."""
 
-    problems: str = Field(
+    problems: Annotated[str, FilePath("packaged")] = Field(
         "packaged", description="JSONL problem file; 'packaged' is Kiln's own set."
     )
     max_problems: PositiveInt | None = Field(None, description="Use the first N problems.")
@@ -411,6 +411,16 @@ class PassAtKSection(SamplingSection):
     )
     cpu_seconds: PositiveInt = Field(5, description="CPU-time limit of one candidate.")
     memory_mb: PositiveInt = Field(512, description="Address-space limit of one candidate.")
+
+    @model_validator(mode="after")
+    def _some_k_fits_n(self) -> PassAtKSection:
+        # A k above n is skipped; with none left, the first evaluation would fail after training.
+        if min(self.ks) > self.n:
+            raise ValueError(
+                f"no k in ks {self.ks} can be estimated from n = {self.n} samples per problem; "
+                f"raise n to at least {min(self.ks)} or add a k <= {self.n}"
+            )
+        return self
 
 
 class EvalSection(Section):

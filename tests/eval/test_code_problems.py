@@ -85,6 +85,11 @@ def test_load_problems_reads_a_file_and_skips_blank_lines(tmp_path: Path) -> Non
         ),
         (({**GOOD, "entry_point": "triple"},), r"field 'prompt' must define the entry point"),
         ((GOOD, GOOD), r"line 2: field 'id': duplicate id 't/1' \(first used at .*, line 1\)"),
+        (
+            ({**GOOD, "canonical_solution": "return 2 * x\n"},),
+            r"line 1: field 'canonical_solution' does not compile",
+        ),
+        (({**GOOD, "tests": "assert double(3) ==\n"},), r"line 1: field 'tests' does not compile"),
         (("", "  "), r"no code problems found"),
     ],
 )

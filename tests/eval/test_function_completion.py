@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kiln.eval.compile_check import compiles
-from kiln.eval.function_completion import function_prompts, function_sample
+from kiln.eval.function_completion import function_prompts, function_sample, has_body
 
 SOURCE = '''import os
 
@@ -59,3 +61,39 @@ def test_an_unfinished_completion_loses_its_cut_last_line() -> None:
 def test_generating_nothing_does_not_compile() -> None:
     assert not compiles(function_sample("def f(x):\n", "", finished=True))
     assert not compiles(function_sample("def f(x):\n", "x = 1\n", finished=True))
+
+
+def test_an_unfinished_single_line_is_cut_too() -> None:
+    # "    return x" may be the start of "    return x * 2": no complete line, no body.
+    sample = function_sample("def f(x):\n", "    return x", finished=False)
+    assert sample == "def f(x):\n\n"
+    assert not compiles(sample)
+
+
+@pytest.mark.parametrize(
+    "completion", ["", "\n\n", "    # todo\n", "x = 1\n", "\ndef g():\n    pass\n"]
+)
+def test_generating_nothing_after_a_docstring_does_not_count(completion: str) -> None:
+    # The docstring alone is a valid body, so compiling is not enough: the model wrote nothing.
+    prompt = 'def f(x):\n    """Double x."""\n'
+    sample = function_sample(prompt, completion, finished=True)
+    assert sample.startswith(prompt)
+    assert not has_body(prompt, sample)
+
+
+def test_a_written_body_counts() -> None:
+    prompt = 'def f(x):\n    """Double x."""\n'
+    sample = function_sample(prompt, "    return 2 * x\nprint(f(1))\n", finished=True)
+    assert sample == prompt + "    return 2 * x\n"
+    assert has_body(prompt, sample) and compiles(sample)
+    # A prompt that ends inside a line is continued by the completion's first line.
+    sample = function_sample("def f(x):\n    ", "return 2 * x\n", finished=True)
+    assert sample == "def f(x):\n    return 2 * x\n"
+    assert has_body("def f(x):\n    ", sample)
+
+
+def test_a_docstring_further_left_than_its_method_still_gives_a_dedented_prompt() -> None:
+    source = 'class A:\n    def run(self):\n        """Run.\n\nDetails at column 0.\n"""\n'
+    (prompt,) = function_prompts([source], count=5, seed=0)
+    assert prompt == 'def run(self):\n    """Run.\n\nDetails at column 0.\n"""\n'
+    assert compiles(prompt + "    return 1\n")

@@ -170,6 +170,15 @@ def test_harness_goes_on_after_loops_and_memory_bombs() -> None:
     assert report.pass_at_k[1] == pytest.approx(1 / 3)
 
 
+def test_an_empty_body_does_not_count_as_compiled() -> None:
+    # Every prompt ends with its docstring, which compiles on its own.
+    report = evaluate_pass_at_k(
+        _subset()[:1], lambda p, n: ["", "    # todo\n"], n=2, ks=(1,), limits=LIMITS,
+        allow_code_execution=True,
+    )
+    assert report.compile_rate == 0.0 and report.pass_at_k[1] == 0.0
+
+
 def test_bad_arguments_are_reported() -> None:
     problems = _subset()[:1]
 

@@ -68,6 +68,12 @@ def test_syntax_error_is_never_started() -> None:
         assert result.protections == ()
 
 
+def test_a_syntax_error_reason_names_a_line_only_when_there_is_one() -> None:
+    assert run_candidate(PROBLEM, body("return (a +"), LIMITS).reason.endswith("(line 3)")
+    reason = run_candidate(PROBLEM, "    return a\x00\n", LIMITS).reason
+    assert reason.startswith("does not compile") and "None" not in reason
+
+
 def test_exiting_early_with_status_zero_does_not_pass() -> None:
     for completion in (
         body("import os", "os._exit(0)"),
@@ -78,6 +84,15 @@ def test_exiting_early_with_status_zero_does_not_pass() -> None:
         result = run_candidate(PROBLEM, completion, LIMITS)
         assert (result.passed, result.status) == (False, "failed")
         assert result.reason == "exited with status 0 before the tests finished"
+
+
+def test_output_without_a_final_newline_does_not_fail_a_correct_candidate() -> None:
+    for completion in (
+        body("print('partial', end='')", "return a + b"),
+        body("import sys", "sys.stdout.write('no newline')", "return a + b"),
+    ):
+        result = run_candidate(PROBLEM, completion, LIMITS)
+        assert (result.passed, result.status) == (True, "passed"), result.reason
 
 
 def test_infinite_loop_is_stopped() -> None:

@@ -9,6 +9,7 @@ import pytest
 from kiln.config import load_config
 from kiln.jobs import lm_eval
 from kiln.jobs.lm_eval import LMEvaluator
+from kiln.jobs.lm_sampling import Completion
 
 
 class Clock:
@@ -61,3 +62,25 @@ def test_the_final_evaluation_runs_every_suite(monkeypatch: pytest.MonkeyPatch) 
     ev.run(None, ["ppl", "compile"], budgeted=True)  # type: ignore[arg-type]
     ev.run(None, ["ppl", "compile"], budgeted=False)  # type: ignore[arg-type]
     assert ran == ["ppl", "compile", "ppl", "compile"]
+
+
+@pytest.mark.parametrize(("completion", "rate"), [("", 0.0), ("    return 2 * x\n", 1.0)])
+def test_a_model_that_writes_no_body_scores_zero_compile_rate(
+    monkeypatch: pytest.MonkeyPatch, completion: str, rate: float
+) -> None:
+    # A prompt with a docstring compiles by itself; only a written body may count.
+    ev = LMEvaluator(load_config("smoke"), None, [], None, 1, None)  # type: ignore[arg-type]
+    ev._prompts = ['def f(x):\n    """Double x."""\n']
+    monkeypatch.setattr(
+        lm_eval, "complete_texts", lambda *_a, **_k: [Completion(completion, finished=True)]
+    )
+    assert ev._compile(None)["compile_rate"] == rate  # type: ignore[arg-type]
+
+
+def test_no_function_prompts_give_no_compile_rate() -> None:
+    # Zero samples are no evidence that nothing compiles: the rate is left out, with a note.
+    ev = LMEvaluator(load_config("smoke"), None, [], None, 1, None)  # type: ignore[arg-type]
+    ev._prompts = []
+    result = ev._compile(None)  # type: ignore[arg-type]
+    assert "compile_rate" not in result
+    assert result["compile_samples"] == 0 and "eval.compile.scan_tokens" in result["compile_note"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kiln.data.jsonl import read_utf8, string_records
 from kiln.errors import DataError
+from kiln.eval.compile_check import compiles
 
 FIELDS = ("id", "prompt", "entry_point", "canonical_solution", "tests")
 PACKAGED_PROBLEMS = "problems/problems.jsonl"
@@ -86,5 +87,17 @@ def _checked_problem(record: dict[str, str], where: str) -> CodeProblem:
     if f"def {entry_point}(" not in record["prompt"]:
         raise DataError(
             f"{where}: field 'prompt' must define the entry point (it has no 'def {entry_point}(')"
+        )
+    # Tests that do not compile would fail every candidate and score any model 0, unreported.
+    solution = record["canonical_solution"].rstrip("\n") + "\n"
+    if not compiles(record["prompt"] + solution):
+        raise DataError(
+            f"{where}: field 'canonical_solution' does not compile as the body of the prompt's "
+            "function; fix its syntax or indentation"
+        )
+    if not compiles(record["prompt"] + solution + "\n\n" + record["tests"]):
+        raise DataError(
+            f"{where}: field 'tests' does not compile after the prompt and the reference "
+            "solution, so every candidate would fail; fix its syntax"
         )
     return CodeProblem(**record)

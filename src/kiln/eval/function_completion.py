@@ -3,14 +3,14 @@
 A compile-rate prompt is a function's signature line (dedented, so a method becomes a plain
 function) plus its docstring when it has one; the model must write the body. A generated sample
 ends at the first non-blank line back at column 0 (the function is over), at the end of the text,
-or, when generation ran out of tokens, at the last complete line. An empty body therefore does not
-compile: the metric cannot be passed by generating nothing.
+or, when generation ran out of tokens, at the last complete line. A prompt with a docstring already
+compiles on its own, so a sample counts only if its body holds a statement (``has_body``): the
+metric cannot be passed by generating nothing.
 """
 
 from __future__ import annotations
 
 import re
-import textwrap
 from collections.abc import Iterable
 
 import numpy as np
@@ -40,7 +40,11 @@ def _prompts_in(text: str) -> list[str]:
             end = _docstring_end(lines, end)
             if end is None:
                 continue
-        prompts.append(textwrap.dedent("\n".join(lines[i:end])) + "\n")
+        # Dedent by the signature's indent: textwrap.dedent would keep it whenever a docstring
+        # line sits further left, and an indented prompt can never compile.
+        indent = line[: len(line) - len(line.lstrip())]
+        block = [text[len(indent) :] if text.startswith(indent) else text for text in lines[i:end]]
+        prompts.append("\n".join(block) + "\n")
     return prompts
 
 
@@ -63,11 +67,21 @@ def function_sample(prompt: str, completion: str, *, finished: bool) -> str:
     limit; an unfinished completion loses its last, possibly cut, line.
     """
     lines = completion.split("\n")
-    if not finished and len(lines) > 1:
+    if not finished:
         lines = lines[:-1]
+    # Only a prompt that ends inside a line has its last line continued by the completion's first.
+    continues_line = not prompt.endswith("\n")
     body: list[str] = []
-    for line in lines:
-        if body and line.strip() and not line[0].isspace():
+    for index, line in enumerate(lines):
+        if line.strip() and not line[0].isspace() and not (index == 0 and continues_line):
             break  # back at column 0: the function is over
         body.append(line)
     return prompt + "\n".join(body).rstrip() + "\n"
+
+
+def has_body(prompt: str, sample: str) -> bool:
+    """Whether ``sample`` adds a statement to ``prompt``, not just blank lines or comments."""
+    return any(
+        line.strip() and not line.lstrip().startswith("#")
+        for line in sample[len(prompt) :].split("\n")
+    )

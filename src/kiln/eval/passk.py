@@ -22,6 +22,7 @@ from typing import Any
 from kiln.errors import ConfigError
 from kiln.eval.code_problems import CodeProblem
 from kiln.eval.compile_check import compiles
+from kiln.eval.function_completion import has_body
 from kiln.eval.sandbox import SandboxLimits, check_sandbox, run_candidate
 
 DEFAULT_KS = (1, 10)
@@ -69,7 +70,7 @@ class PassAtKReport:
     n: int
     ks: tuple[int, ...]
     pass_at_k: dict[int, float]
-    compile_rate: float  # share of prompt + completion programs that compile
+    compile_rate: float  # share of prompt + completion programs with a body that compile
     problems: tuple[ProblemOutcome, ...]
     skipped_ks: tuple[int, ...]
     notes: tuple[str, ...]
@@ -164,7 +165,8 @@ def evaluate_pass_at_k(
         correct = compiled = 0
         first_failure = None
         for completion in completions:
-            compiled += compiles(problem.prompt + completion)
+            program = problem.prompt + completion  # a docstring alone compiles: need a body
+            compiled += has_body(problem.prompt, program) and compiles(program)
             result = run_candidate(problem, completion, limits)
             statuses[result.status] += 1
             correct += result.passed

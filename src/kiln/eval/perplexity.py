@@ -48,7 +48,7 @@ def evaluate_perplexity(
 ) -> dict[str, float]:
     """Weighted validation loss (what training minimises) and each objective's mean loss.
 
-    ``val_loss`` is ``sum(w * ce) / sum(w)`` over every set of windows; ``val_loss_<name>`` is
+    ``val_loss`` is ``sum(w * ce) / sum(w)`` over every set of windows; ``val_<name>_loss`` is
     the mean cross-entropy over the trained tokens of objective ``name``.
     """
     weighted, weight_total = 0.0, 0.0

@@ -8,7 +8,7 @@ seccomp filter. See the README section "pass@k and the code-execution sandbox".
 How one candidate runs:
 
 1. The parent writes ``prompt + completion + tests`` and a final line that prints a random marker
-   to ``candidate.py`` in a fresh temporary folder (deleted afterwards).
+   (on a line of its own) to ``candidate.py`` in a fresh temporary folder (deleted afterwards).
 2. It starts ``python -I -S -c <bootstrap>`` in that folder with an empty environment, in a new
    session (so one kill reaches the whole process group), stdout and stderr on one pipe, and a
    second pipe on which the bootstrap reports what it set up and how the candidate ended.
@@ -143,7 +143,8 @@ def _assemble(problem: CodeProblem, completion: str) -> tuple[str, str]:
     marker = f"kiln-tests-finished-{secrets.token_hex(16)}"
     body = completion if completion.endswith("\n") else completion + "\n"
     tests = problem.tests if problem.tests.endswith("\n") else problem.tests + "\n"
-    source = f"{problem.prompt}{body}\n\n{tests}\nprint({marker!r}, flush=True)\n"
+    # The newline puts the marker on a line of its own after output that does not end in one.
+    source = f"{problem.prompt}{body}\n\n{tests}\nprint('\\n' + {marker!r}, flush=True)\n"
     return source, marker
 
 
@@ -393,7 +394,8 @@ def _syntax_reason(source: str) -> str:
             warnings.simplefilter("ignore")
             compile(source, PROGRAM_NAME, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        return f"does not compile: {exc.msg} (line {exc.lineno})"
+        where = f" (line {exc.lineno})" if exc.lineno else ""  # a NUL byte error has no line
+        return f"does not compile: {exc.msg}{where}"
     except Exception as exc:  # the other rejections of compile_check.compiles
         return f"does not compile: {type(exc).__name__}"
     return "does not compile"

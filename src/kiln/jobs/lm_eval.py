@@ -22,7 +22,7 @@ from kiln.data.tokenizer import KilnTokenizer
 from kiln.errors import KilnError
 from kiln.eval.code_problems import CodeProblem, load_problems
 from kiln.eval.compile_check import compiles
-from kiln.eval.function_completion import function_prompts, function_sample
+from kiln.eval.function_completion import function_prompts, function_sample, has_body
 from kiln.eval.passk import evaluate_pass_at_k
 from kiln.eval.perplexity import evaluate_perplexity
 from kiln.eval.sandbox import SandboxLimits
@@ -95,9 +95,18 @@ class LMEvaluator:
                 temperature=c.temperature, top_k=c.top_k, seed=self.config.seed + index,
             )
             samples.append(function_sample(prompt, completion.text, finished=completion.finished))
-        passed = [compiles(sample) for sample in samples]
+        passed = [
+            has_body(prompt, sample) and compiles(sample)
+            for prompt, sample in zip(self._prompts, samples, strict=True)
+        ]
+        if not samples:  # a rate of 0 would read as "nothing compiles": report no rate
+            return {
+                "compile_samples": 0,
+                "compile_note": f"no function signature in the first {c.scan_tokens} val tokens; "
+                "raise eval.compile.scan_tokens or data.val_fraction",
+            }
         return {
-            "compile_rate": float(np.mean(passed)) if samples else 0.0,
+            "compile_rate": float(np.mean(passed)),
             "compile_samples": len(samples),
             "compile_examples": [
                 {"sample": s, "compiles": ok}
