@@ -176,3 +176,31 @@ def test_an_os_error_that_means_a_bug_keeps_its_traceback(
     monkeypatch.setattr(cli, "_run", failing_command)
     with pytest.raises(OSError, match="Bad file descriptor"):
         cli.main(["configs"])
+
+
+SIGTERM_DURING_DATA_PREPARATION = """
+import os, signal, sys, time
+from kiln.cli import main
+from kiln.jobs import lm
+
+def prepare_data(config, log):  # the corpus scan and tokenization, when the signal comes
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+
+lm.prepare_data = prepare_data
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_before_the_first_step_marks_the_run_interrupted(tmp_path: Path) -> None:
+    """The training loop's own handler is not installed yet; SIGTERM stops as Ctrl-C does."""
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_DURING_DATA_PREPARATION, "train", "--config", "smoke",
+         "--set", f"run.root={tmp_path}", "--set", "hardware.device=cpu"],
+        capture_output=True, text=True, check=False, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+    )
+    assert done.returncode == 130, done.stderr
+    (run,) = tmp_path.iterdir()
+    assert (run / "status").read_text().strip() == "interrupted"
+    assert f"continue with: kiln resume {run}" in (run / "train.log").read_text()

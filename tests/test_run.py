@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -87,6 +89,25 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     assert (listed["step"], listed["loss"]) == (7, None)
 
 
+
+def test_a_running_run_lists_its_last_evaluation(tmp_path: Path) -> None:
+    """Before metrics.json exists (a run still training, or killed) the table shows the last
+    logged validation perplexity and eval accuracy, not '-'."""
+    lm, hashtron = tmp_path / "lm-1", tmp_path / "hashtron-1"
+    for run, job in ((lm, "lm"), (hashtron, "hashtron")):
+        run.mkdir()
+        (run / SNAPSHOT).write_text(f"job: {job}\n")
+        (run / "status").write_text("running\n")
+    rows = [{"step": 10, "loss": 3.5}, {"event": "eval", "step": 10, "val_loss": 3.0,
+            "val_ppl": 20.1}, {"step": 15, "loss": 3.25}]
+    (lm / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    steps = [{"step": 1, "eval_accuracy": 0.6}, {"step": 2, "eval_accuracy": 0.7}]
+    (hashtron / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    listed = {row["id"]: row for row in list_runs(tmp_path)}
+    assert (listed["lm-1"]["step"], listed["lm-1"]["val_ppl"]) == (15, 20.1)
+    assert (listed["hashtron-1"]["step"], listed["hashtron-1"]["eval_acc"]) == (2, 0.7)
+
+
 def test_resuming_under_other_software_logs_a_warning_naming_what_changed(
     tmp_path: Path, smoke_config: Callable[..., Config]
 ) -> None:
@@ -120,3 +141,44 @@ def test_resume_refuses_input_files_that_changed_since_the_start(
     cot.unlink()
     with pytest.raises(RunError, match="is gone since run"):
         Run.open(run.path, echo=False).check_inputs()
+
+
+def test_export_and_generate_only_read_the_run_directory(
+    smoke_config: Callable[..., Config], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished run on a read-only mount (an archive, a shared folder) still exports and
+    samples: neither command opens the run's log or metrics for writing."""
+    run = workflows.train(smoke_config("training.max_steps=2"), echo=False).run_dir
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    real_open = open
+
+    def read_only_run(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
+        if any(c in mode for c in "wax+") and Path(file).is_relative_to(run):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only_run)
+    workflows.export_run(run, tmp_path / "bundle")
+    assert workflows.generate(run, "def ", max_new_tokens=2).startswith("def ")
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+
+
+def test_the_log_takes_a_message_naming_a_file_whose_name_is_not_utf8(
+    smoke_config: Callable[..., Config],
+) -> None:
+    run = Run.create(resolve_config(smoke_config()), echo=False)
+    run.log("skipped " + os.fsdecode(b"caf\xe9.py"))
+    run.close()
+    assert "skipped caf\\udce9.py" in (run.path / "train.log").read_text(encoding="utf-8")
+
+
+def test_a_run_opened_from_inside_keeps_its_id(
+    smoke_config: Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kiln resume .` in the run directory: the summary's run_id and the log name the run."""
+    created = Run.create(resolve_config(smoke_config()), echo=False)
+    created.close()
+    monkeypatch.chdir(created.path / "checkpoints")
+    assert Run.open(Path(".."), echo=False).id == created.id
+    monkeypatch.chdir(created.path)
+    assert Run.open(Path("."), echo=False).id == created.id

@@ -22,7 +22,7 @@ from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
 from kiln.engine.trainer import OutOfMemoryExit, Trainer
-from kiln.errors import RunError
+from kiln.errors import CheckpointError, RunError
 from kiln.run import SOFTWARE, read_metrics
 
 ConfigFactory = Callable[..., Config]
@@ -129,6 +129,16 @@ def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
     assert metadata["software"] == json.loads((run / SOFTWARE).read_text()) | {
         "safetensors": safetensors.__version__
     }
+
+
+
+def test_an_export_from_inside_the_run_names_the_run(
+    smoke_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = workflows.train(smoke_config("training.max_steps=2"), echo=False).run_dir
+    monkeypatch.chdir(run)
+    workflows.export_run(Path("."), tmp_path / "bundle")
+    assert json.loads((tmp_path / "bundle" / "metadata.json").read_text())["run_id"] == run.name
 
 
 def test_time_based_checkpoints(smoke_config: ConfigFactory) -> None:
@@ -327,6 +337,33 @@ def test_cli_runs_eval_generate_export(smoke_config: ConfigFactory, tmp_path: Pa
     assert again.returncode == 2 and "never overwritten" in again.stderr
     missing = _kiln("eval", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not a kiln run directory" in missing.stderr
+
+
+
+def test_eval_and_generate_refuse_a_snapshot_edited_to_another_model(
+    smoke_config: ConfigFactory,
+) -> None:
+    run = workflows.train(smoke_config("training.max_steps=2"), echo=False).run_dir
+    snapshot = run / "config_snapshot.yaml"
+    snapshot.write_text(snapshot.read_text().replace("n_layers: 2", "n_layers: 3"))
+    with pytest.raises(CheckpointError, match=r"different model config.*blocks\.2\."):
+        workflows.generate(run, "def ", max_new_tokens=2)
+    with pytest.raises(CheckpointError, match="different model config"):
+        workflows.evaluate_run(run)
+
+
+
+def test_a_run_trained_on_a_gpu_evaluates_and_samples_on_a_machine_without_one(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = workflows.train(smoke_config("training.max_steps=2"), echo=False).run_dir
+    snapshot = run / "config_snapshot.yaml"  # what `hardware.device: auto` records on a GPU
+    snapshot.write_text(snapshot.read_text().replace("device: cpu", "device: cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert workflows.generate(run, "def ", max_new_tokens=2).startswith("def ")
+    assert workflows.evaluate_run(run, suites=["ppl"])["step"] == 2
+    assert "trained on cuda and this machine has no CUDA GPU" in capsys.readouterr().err
 
 
 OBJECTIVES = ("objectives.fim_rate=0.5", "objectives.cot.path=examples")

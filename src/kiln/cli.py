@@ -106,6 +106,11 @@ def _run(args: argparse.Namespace) -> int:
     from kiln import workflows
     from kiln.config import load_config, packaged_config_names
 
+    if args.command in (None, "train", "resume"):
+        # Until the training loop installs its own handler (corpus scan, tokenizer, shards can
+        # take minutes), SIGTERM stops a run as Ctrl-C does: marked interrupted, exit 130,
+        # instead of dying with its status left at 'running'.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.command in (None, "train"):
         config = load_config(getattr(args, "config", None), getattr(args, "overrides", []))
         return _report(workflows.train(config))

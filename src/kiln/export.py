@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from kiln.errors import ExportError
@@ -83,11 +84,13 @@ def export_bundle(
         fsync_path(tmp)
         os.replace(tmp, to_dir)  # also replaces an empty to_dir; fails if it filled up meanwhile
         fsync_path(to_dir.parent)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
+        # SafetensorError: how save_file reports the I/O errors of its write (a full disk).
         with contextlib.suppress(OSError):
             _remove_tree(tmp)
+        reason = getattr(exc, "strerror", None) or exc
         raise ExportError(
-            f"could not write the export bundle to {to_dir}: {exc.strerror or exc}. Check free "
+            f"could not write the export bundle to {to_dir}: {reason}. Check free "
             "disk space and permissions, then export again to a new folder."
         ) from exc
     except BaseException:

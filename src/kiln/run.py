@@ -23,7 +23,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import yaml
 
@@ -55,8 +55,10 @@ class Run:
         self.config = config
         self.echo = echo
         self.checkpoints = path / "checkpoints"
-        self._log = open(path / "train.log", "a", encoding="utf-8")  # noqa: SIM115
-        self._metrics = open(path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        # Opened at the first write, so that commands which only read a run (export, generate)
+        # work on a read-only run directory.
+        self._log: TextIO | None = None
+        self._metrics: TextIO | None = None
         self._lock: int | None = None
 
     @property
@@ -79,6 +81,8 @@ class Run:
         atomic_write(path / SNAPSHOT, config.to_yaml())
         atomic_write(path / INPUTS, json.dumps(input_hashes(config), indent=2, sort_keys=True))
         atomic_write(path / SOFTWARE, json.dumps(software_versions(), indent=2, sort_keys=True))
+        for sink in ("train.log", "metrics.jsonl"):  # there from the start, to follow them
+            (path / sink).touch()
         run = cls(path, config, echo=echo)
         run.claim()
         run.set_status("running")
@@ -87,7 +91,8 @@ class Run:
     @classmethod
     def open(cls, path: Path, *, echo: bool = True) -> Run:
         """Reopen an existing run from its snapshot."""
-        path = Path(path).expanduser()
+        # Absolute, so that `.` or `..` (a command run inside the run) still names the run.
+        path = Path(os.path.abspath(Path(path).expanduser()))
         snapshot = path / SNAPSHOT
         if not snapshot.is_file():
             raise RunError(
@@ -172,6 +177,11 @@ class Run:
     def log(self, message: str, *, echo: bool = True) -> None:
         """A timestamped line in train.log, echoed to stderr unless ``echo`` is False."""
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        if self._log is None:
+            # backslashreplace: a message may name a file whose name is not UTF-8.
+            self._log = open(  # noqa: SIM115
+                self.path / "train.log", "a", encoding="utf-8", errors="backslashreplace"
+            )
         self._log.write(f"{stamp} {message}\n")
         self._log.flush()
         if self.echo and echo:
@@ -179,6 +189,8 @@ class Run:
 
     def write_metrics(self, row: dict[str, Any]) -> None:
         """Append one JSON object to metrics.jsonl."""
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
         self._metrics.flush()
 
@@ -187,19 +199,22 @@ class Run:
 
         A crash can also leave a torn last line; it is dropped too.
         """
-        self._metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None  # reopened on the next row, on the rewritten file
         kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
         atomic_write(
             self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
         )
-        self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / "metrics.json", json.dumps(summary, indent=2, sort_keys=True))
 
     def close(self) -> None:
-        self._log.close()
-        self._metrics.close()
+        for sink in (self._log, self._metrics):
+            if sink is not None:
+                sink.close()
+        self._log = self._metrics = None
         if self._lock is not None:
             os.close(self._lock)  # releases the flock
             self._lock = None
@@ -269,13 +284,17 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             job = "?"
         summary = read_summary(path)
         status = (path / "status").read_text().strip() if (path / "status").exists() else "?"
-        # metrics.json is written when a run session ends: a killed run, or one killed after a
-        # resume, shows its last logged step instead.
+        # metrics.json is written when a run session ends: a running or killed run, or one
+        # killed after a resume, shows its last logged step and evaluation instead.
         logged = read_metrics(path)
         last_step = max((r["step"] for r in logged if "step" in r), default=-1)
         if last_step > summary.get("step", -1):  # hashtron rows have a step and no loss
-            last_loss = next((r["loss"] for r in reversed(logged) if "loss" in r), None)
-            summary = {"step": last_step, "final_loss": last_loss}
+            summary = {
+                "step": last_step,
+                "final_loss": _last(logged, "loss"),
+                "final_val_ppl": _last(logged, "val_ppl"),
+                "eval_accuracy": _last(logged, "eval_accuracy"),
+            }
         rows.append(
             {
                 "id": path.name,
@@ -288,3 +307,8 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> Any:
+    """The value of ``key`` in the last row that has it, or None."""
+    return next((row[key] for row in reversed(rows) if key in row), None)

@@ -8,6 +8,7 @@ call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from kiln.checkpoint import (
     CheckpointInfo,
+    check_shapes,
     list_checkpoints,
     load_checkpoint,
     load_latest_valid,
@@ -290,11 +292,37 @@ def load_trained_model(
             "metrics.jsonl and eval/<step>.json (`kiln render` draws an nca run's growth); "
             "`kiln export` writes any run's weights."
         )
-    device = prepare_process(run.config)
+    device = _prepare_inference(run)
     info, state = load_chosen_checkpoint(run.path, which)
     model = build_model(run.config, load_run_tokenizer(run.path).vocab_size)
-    model.load_state_dict(state["model"])
+    _load_weights(model, info, state["model"])
     return run, model.to(device).eval(), info, device
+
+
+def _prepare_inference(run: Run) -> torch.device:
+    """``prepare_process`` for running a trained model. The snapshot records the device the
+    run trained on (``auto`` resolved); a run trained on a GPU still runs on a machine without
+    one, on the CPU, rather than being refused with advice no inference command can follow."""
+    if run.config.hardware.device == "cuda" and not torch.cuda.is_available():
+        print(
+            f"note: run {run.id} trained on cuda and this machine has no CUDA GPU; "
+            "running its model on the cpu",
+            file=sys.stderr,
+        )
+        run.config.hardware.device = "cpu"
+    return prepare_process(run.config)
+
+
+def _load_weights(model: torch.nn.Module, info: CheckpointInfo, weights: dict[str, Any]) -> None:
+    """Load a checkpoint's weights into the model the run's snapshot describes; a snapshot
+    edited since (other model settings) is a CheckpointError, as on resume, not a traceback."""
+    check_shapes(info.path, _shapes(model.state_dict()), _shapes(weights))
+    model.load_state_dict(weights)
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor of a model state dict."""
+    return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}
 
 
 def evaluate_run(
@@ -354,7 +382,7 @@ def generate(
 
 def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
     """Write the immutable export bundle of a run's best (or latest) checkpoint."""
-    run_dir = Path(run_dir)
+    run_dir = Path(os.path.abspath(run_dir))  # `.` inside the run: its name is the run id
     if not (run_dir / SNAPSHOT).is_file():
         raise RunError(f"{run_dir} is not a kiln run directory ({SNAPSHOT} is missing)")
     info, state = load_chosen_checkpoint(run_dir, which)
@@ -396,10 +424,10 @@ def render_run(run_dir: Path, which: Which = "latest") -> tuple[Path, Path]:
     run.close()
     if run.config.job != "nca":
         raise RunError(f"{run.path} is a {run.config.job} run: `kiln render` draws nca runs")
-    device = prepare_process(run.config)
+    device = _prepare_inference(run)
     info, state = load_chosen_checkpoint(run.path, which)
     model = build_nca_model(run.config)
-    model.load_state_dict(state["model"])
+    _load_weights(model, info, state["model"])
     model = model.to(device).eval()
     return render_model(run.config, model, run.path / RENDER_DIR, f"growth_{info.step:08d}")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -159,6 +161,18 @@ def test_split_of_is_a_stable_hash_of_the_relative_path() -> None:
         "train",
         "train",
     ]
+
+
+
+def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path: Path) -> None:
+    """Old archives hold Latin-1 names; os hands them over surrogate-escaped."""
+    (tmp_path / os.fsdecode(b"caf\xe9.py")).write_text("x = 1\n", encoding="utf-8")
+    (path,) = find_files([Source(str(tmp_path))])
+    relative = path.relative_to(tmp_path).as_posix()
+    assert relative == "caf\udce9.py"
+    digest = hashlib.sha256(b"7\0caf\xe9.py").digest()
+    expected = "val" if int.from_bytes(digest[:8], "big") / 2**64 < 0.5 else "train"
+    assert split_of(path, relative, 0.5, seed=7) == expected
 
 
 def test_real_stdlib_files() -> None:

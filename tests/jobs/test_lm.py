@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from kiln.data.mixture import normalize_step
 from kiln.data.objectives import COMPONENTS, COT, FIM, NEXT_TOKEN
 from kiln.errors import ConfigError, DataError
 from kiln.jobs.lm import step_split, weighted_token_loss
+from kiln.jobs.lm_sampling import NonFiniteWeights
 from kiln.models.gpt import GPT, GPTShape
 
 
@@ -145,3 +147,15 @@ def test_evaluating_a_run_whose_corpus_changed_its_tokenizer_is_refused(
         (corpus / f"new_{i}.py").write_text(f"class Widget{i}(Base):\n    name = 'qwerty'\n" * 50)
     with pytest.raises(DataError, match=r"another tokenizer .* than the one this run trained"):
         workflows.evaluate_run(run)
+
+
+def test_a_diverged_run_ends_with_its_summary_and_refuses_to_sample(
+    smoke_config: Callable[..., Config],
+) -> None:
+    config = smoke_config("training.max_steps=3", "optimizer.lr=1e6", "training.grad_clip=0")
+    outcome = workflows.train(config, echo=False)
+    assert outcome.status == "completed" and outcome.report is not None
+    assert outcome.report.startswith("sample: none: the model's weights are not finite")
+    assert json.loads((outcome.run_dir / "metrics.json").read_text())["step"] == 3
+    with pytest.raises(NonFiniteWeights, match="training diverged"):
+        workflows.generate(outcome.run_dir, "def ", max_new_tokens=2)

@@ -187,6 +187,7 @@ def split_of(path: Path, root_relative: str, val_fraction: float, seed: int) -> 
     split is the same on every machine and in any file order. The caller guarantees a non-empty
     val split on tiny corpora.
     """
-    digest = hashlib.sha256(f"{seed}\0{root_relative}".encode()).digest()
+    # fsencode: a file name that is not UTF-8 (surrogate-escaped by os) hashes as its bytes.
+    digest = hashlib.sha256(f"{seed}\0".encode() + os.fsencode(root_relative)).digest()
     draw = int.from_bytes(digest[:8], "big") / 2**64
     return "val" if draw < val_fraction else "train"

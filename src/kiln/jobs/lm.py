@@ -31,7 +31,7 @@ from kiln.errors import ConfigError, DataError
 from kiln.eval.perplexity import token_cross_entropy, validation_windows
 from kiln.fsio import atomic_write
 from kiln.jobs.lm_eval import LMEvaluator
-from kiln.jobs.lm_sampling import sample_text
+from kiln.jobs.lm_sampling import NonFiniteWeights, sample_text
 from kiln.models.gpt import GPT, GPTShape
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -242,15 +242,19 @@ class LMJob:
         sample = self.config.sample
         if not sample.max_new_tokens:
             return None
-        return "sample:\n" + sample_text(
-            model,
-            self.tokenizer,
-            sample.prompt,
-            max_new_tokens=sample.max_new_tokens,
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            seed=self.config.seed,
-        )
+        try:
+            text = sample_text(
+                model,
+                self.tokenizer,
+                sample.prompt,
+                max_new_tokens=sample.max_new_tokens,
+                temperature=sample.temperature,
+                top_k=sample.top_k,
+                seed=self.config.seed,
+            )
+        except NonFiniteWeights as exc:  # a diverged run still ends with its summary written
+            return f"sample: none: {exc}"
+        return "sample:\n" + text
 
     def close(self) -> None:
         self.batches.close()

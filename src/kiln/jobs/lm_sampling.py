@@ -17,6 +17,23 @@ from kiln.errors import KilnError
 from kiln.models.gpt import GPT
 
 
+class NonFiniteWeights(KilnError):
+    """The model holds NaN or infinite weights: there is no distribution to sample from."""
+
+
+def check_finite(model: GPT) -> None:
+    """Raise ``NonFiniteWeights`` naming the first bad tensors; sampling would otherwise stop
+    with a bare RuntimeError from ``torch.multinomial``."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise NonFiniteWeights(
+            f"the model's weights are not finite (NaN or inf in {', '.join(bad[:3])}{more}): "
+            "training diverged, so there is nothing to sample from; train again with a lower "
+            "optimizer.lr or with training.grad_clip > 0"
+        )
+
+
 def generate_ids(
     model: GPT,
     prompt_ids: list[int],
@@ -32,6 +49,7 @@ def generate_ids(
 
     The model sees at most its context: a longer prompt keeps only its end.
     """
+    check_finite(model)
     prompt_ids = prompt_ids[-(model.shape.context - 1) :]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
