@@ -139,6 +139,18 @@ def test_resolve_pins_threads_and_device() -> None:
     assert cfg.hardware.device in ("cpu", "cuda")
 
 
+@pytest.mark.parametrize(("cpus", "ranks", "threads"), [(8, None, 8), (8, "2", 4), (2, "4", 1)])
+def test_auto_threads_share_the_cpus_among_the_ranks_on_the_machine(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, ranks: str | None, threads: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    if ranks is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:  # as torchrun sets it in each worker
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    assert resolve_config(Config()).hardware.threads == threads
+
+
 def test_resolve_makes_relative_file_paths_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +335,13 @@ def test_invalid_yaml(tmp_path: Path) -> None:
     bad.write_text("training: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    utf16 = tmp_path / "utf16.yaml"  # what some editors write for "Unicode"
+    utf16.write_text("training:\n  max_steps: 3\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16\.yaml is not UTF-8 text .*save it as UTF-8"):
+        load_config(str(utf16))
 
 
 def test_a_key_given_twice_is_an_error(tmp_path: Path) -> None:

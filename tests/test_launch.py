@@ -40,7 +40,11 @@ def test_torchrun_runs_kiln_as_a_module() -> None:
 
 @pytest.mark.parametrize(
     ("codes", "expected"),
-    [({0: 130, 1: 130}, 130), ({0: 2, 1: 2}, 2), ({0: 2, 1: 130}, 2), ({0: 2, 1: -9}, 1)],
+    [
+        ({0: 130, 1: 130}, 130), ({0: 2, 1: 2}, 2), ({0: 2, 1: 130}, 2), ({0: 2, 1: -9}, 1),
+        # terminated by torchrun while exiting, after the other worker ended first
+        ({0: -15, 1: 130}, 130), ({0: 2, 1: -15}, 2), ({0: -15, 1: -15}, 1),
+    ],
 )
 def test_the_agents_ending_becomes_kilns_exit_code(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -54,7 +58,7 @@ def test_the_agents_ending_becomes_kilns_exit_code(
     monkeypatch.setattr(torch.distributed.run, "run", failing)
     assert launch.run_torchrun(2, ["train"]) == expected
     err = capsys.readouterr().err
-    assert ("rank 1: exit code -9" in err) == (expected == 1)
+    assert ("workers failed (rank 0: exit code" in err) == (expected == 1)
 
     def signalled(_args: object) -> None:
         raise SignalException("got SIGINT", signal.SIGINT)
@@ -114,3 +118,17 @@ def test_resume_of_a_completed_or_busy_run_is_refused_before_launching(
     run.close()
     assert main(["resume", str(run.path), "--nproc", "2"]) == 2
     assert "already completed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nproc", ["0", "-1"])
+def test_a_process_count_below_one_is_refused_before_launching(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_torchrun: None, nproc: str
+) -> None:
+    sets = ["--set", "strategy.name=ddp", "--set", f"run.root={tmp_path}"]
+    assert main(["train", "--nproc", nproc, "--config", "smoke", *sets]) == 2
+    assert f"--nproc must be >= 1, got {nproc}" in capsys.readouterr().err
+    run = Run.create(load_config("smoke", [f"run.root={tmp_path}", "strategy.name=ddp",
+                                           "strategy.world_size=2"]), echo=False)
+    run.close()
+    assert main(["resume", str(run.path), "--nproc", nproc]) == 2
+    assert f"--nproc must be >= 1, got {nproc}" in capsys.readouterr().err

@@ -312,8 +312,9 @@ class HardwareSection(Section):
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="auto picks cuda if any.")
     threads: PositiveIntOrAuto = Field(
         "auto",
-        description="Torch intra-op threads; 'auto' resolves to the CPU count at start and the "
-        "resolved number is recorded, since results differ in the last bits across counts.",
+        description="Torch intra-op threads; 'auto' resolves to the CPU count at start (divided "
+        "among the data-parallel ranks on the machine) and the resolved number is recorded, "
+        "since results differ in the last bits across counts.",
     )
     deterministic: bool = Field(True, description="Deterministic algorithms and cuDNN flags.")
     keep_freed_memory: bool = Field(
@@ -879,7 +880,14 @@ def read_config_source(name_or_path: str | None) -> tuple[dict[str, Any], str]:
                 f"config file {path} does not exist; pass a YAML file or one of the packaged "
                 f"names: {', '.join(packaged_config_names())}"
             )
-        return _parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:  # e.g. saved as UTF-16 by an editor
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "save it as UTF-8"
+            ) from None
+        return _parse_yaml(text, str(path)), str(path)
     if name not in packaged_config_names():
         raise ConfigError(
             f"unknown config {name!r}: not a file and not a packaged config "
@@ -1074,7 +1082,10 @@ def resolve_config(config: Config) -> Config:
     for setting in path_settings(resolved):
         setting.set(_absolute(setting.value))
     if resolved.hardware.threads == "auto":
-        resolved.hardware.threads = os.cpu_count() or 1
+        # torchrun's workers on this machine (LOCAL_WORLD_SIZE) share its CPUs: threads beyond
+        # their share oversubscribe the cores and slow every rank down.
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        resolved.hardware.threads = max(1, (os.cpu_count() or 1) // ranks_here)
     if resolved.hardware.device == "auto":
         import torch
 

@@ -10,6 +10,7 @@ process that finds its rank in the environment.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from kiln.config import Config, resolve_config
@@ -20,12 +21,13 @@ NPROC = "--nproc"
 
 INTERRUPTED = 130  # the exit code of a run stopped by a signal (it checkpointed)
 USER_ERROR = 2  # the exit code of a KilnError; the worker printed its message
+# A worker that torchrun terminated because another one had ended (see run_torchrun).
+TERMINATED = -signal.SIGTERM
 
 
 def torchrun_args(nproc: int, kiln_args: list[str]) -> list[str]:
     """torchrun's arguments for ``nproc`` workers running ``kiln <kiln_args>``."""
-    if nproc < 1:
-        raise KilnError(f"--nproc must be >= 1, got {nproc}")
+    check_nproc(nproc)
     return ["--standalone", f"--nproc-per-node={nproc}", "-m", "kiln", *without_nproc(kiln_args)]
 
 
@@ -43,9 +45,17 @@ def without_nproc(args: list[str]) -> list[str]:
     return kept
 
 
+def check_nproc(nproc: int) -> None:
+    """Raise ``KilnError`` unless ``nproc`` is a number of processes."""
+    if nproc < 1:
+        raise KilnError(f"--nproc must be >= 1, got {nproc}")
+
+
 def check_launch(config: Config, nproc: int) -> None:
-    """What every worker would refuse, refused once before torchrun starts them: a one-process
-    strategy, a backend this device lacks, a world size that does not split the global batch."""
+    """What every worker would refuse, refused once before torchrun starts them: a process
+    count below 1, a one-process strategy, a backend this device lacks, a world size that does
+    not split the global batch."""
+    check_nproc(nproc)  # first: strategy.world_size below cannot hold a count below 1
     from kiln.engine.distributed import (  # torch: imported only when launching
         DISTRIBUTED,
         backend_for,
@@ -75,7 +85,9 @@ def run_torchrun(nproc: int, kiln_args: list[str]) -> int:
     A stop signal to the agent, or workers that all stopped on one, give 130 (the run
     checkpointed); workers that ended on a user error (their message printed) give 2; anything
     else (a crash, a killed worker) gives 1, naming each failed rank's exit code. torchrun's own
-    report of these, a traceback, is not shown.
+    report of these, a traceback, is not shown. torchrun sends SIGTERM to the other workers as
+    soon as one ends with a non-zero code; a worker still shutting down its interpreter then
+    (Python has given up its handlers) dies of it, which says nothing about how it ended.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -87,6 +99,7 @@ def run_torchrun(nproc: int, kiln_args: list[str]) -> int:
         return INTERRUPTED
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
+        codes = codes - {TERMINATED} or codes  # only terminated ones: still a failure
         if codes <= {INTERRUPTED}:
             return INTERRUPTED
         if codes <= {USER_ERROR, INTERRUPTED}:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from kiln.engine.distributed import (
     check_world,
     global_batch_size,
     resolve_world,
+    session,
 )
 from kiln.errors import ConfigError
 from kiln.run import Run, read_metrics
@@ -343,6 +345,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert proc.poll() is None, "training finished before the signal: lengthen the run"
     os.kill(_worker_pid(proc.pid, 0), signal.SIGTERM)
     proc.wait(timeout=120)
+    assert proc.returncode == 130, proc.stderr.read()[-10_000:]
     assert (run / "status").read_text().strip() == "interrupted"
     log = (run / "train.log").read_text()
     assert "stopped by signal 15" in log and "run ended" not in log
@@ -350,6 +353,24 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(
     assert resumed.returncode == 0, resumed.stderr[-10_000:]
     assert _windows_by_step(run) == _windows_by_step(runs["ddp"])
     assert _max_abs_diff(_final_weights(run), _final_weights(runs["ddp"])) == 0.0
+
+
+_STOPPED_FIRST_BY_ANOTHER_RANK = """
+import os, signal
+from kiln.engine.distributed import _sigterm_deferred
+with _sigterm_deferred():
+    pass  # training stopped on a signal, checkpointed and left the process group
+os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, as another rank has just exited 130
+print("status: interrupted")
+raise SystemExit(130)
+"""
+
+
+def test_a_worker_reports_its_stop_though_torchrun_terminates_it_after_another_rank() -> None:
+    done = subprocess.run([sys.executable, "-c", _STOPPED_FIRST_BY_ANOTHER_RANK],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env=_env(TORCHELASTIC_RUN_ID="test"))
+    assert (done.returncode, done.stdout) == (130, "status: interrupted\n"), done.stderr
 
 
 @pytest.mark.cuda
@@ -402,6 +423,53 @@ def test_single_strategy_refuses_several_processes(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"strategy\.name: ddp or fsdp"):
         workflows.train(smoke_config(), echo=False)
+
+
+@pytest.mark.parametrize("port", ["unset", "busy"])
+def test_a_group_of_one_ignores_a_master_address_a_shell_exported(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch, port: str
+) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        if port == "busy":
+            monkeypatch.setenv("MASTER_PORT", str(busy.getsockname()[1]))
+        else:
+            monkeypatch.delenv("MASTER_PORT", raising=False)
+        with session(smoke_config("strategy.name=ddp")) as placement:
+            assert placement.world_size == 1
+            assert placement.any(True)
+
+
+_ONE_WORKER = """
+from kiln.config import load_config
+from kiln.engine.distributed import session
+config = load_config("smoke", ["strategy.name=ddp", "strategy.timeout_s=20"])
+with session(config) as placement:
+    print("world", placement.world_size, placement.any(True))
+"""
+
+
+def test_one_torchrun_worker_joins_the_store_of_its_agent(tmp_path: Path) -> None:
+    script = tmp_path / "one_worker.py"
+    script.write_text(_ONE_WORKER)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+         str(script)],
+        capture_output=True, text=True, timeout=120, check=False, env=_env(),
+    )
+    assert "world 1 True" in done.stdout, done.stderr[-5_000:]
+
+
+def test_several_ranks_without_a_meeting_point_are_refused_at_once(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    config = smoke_config("strategy.name=ddp", "strategy.timeout_s=5")
+    with pytest.raises(ConfigError, match="MASTER_ADDR is not set"), session(config):
+        pass
 
 
 _SLOW_RANK_0 = """

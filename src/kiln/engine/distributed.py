@@ -232,10 +232,18 @@ def session(config: Config) -> Iterator[Local]:
         return
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     backend = backend_for(config)
+    init = None  # torchrun's agent (even for one worker), or another launcher, names the store
     if under_torchrun():
         _stop_with_the_launcher()
-    # Without torchrun: a group of one on a free local port.
-    init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{_free_port()}"
+    elif world == 1:
+        # A group of one meets no other rank: a free local port, whatever MASTER_ADDR or
+        # MASTER_PORT a shell exported.
+        init = f"tcp://127.0.0.1:{_free_port()}"
+    elif "MASTER_ADDR" not in os.environ:
+        raise ConfigError(
+            f"WORLD_SIZE is {world} but MASTER_ADDR is not set, so the ranks cannot meet; "
+            "launch with `kiln ... --nproc N` or torchrun, or unset WORLD_SIZE for one process"
+        )
     dist.init_process_group(
         backend,
         init_method=init,
@@ -295,10 +303,11 @@ def _stop_with_the_launcher() -> None:
 def _sigterm_deferred() -> Iterator[None]:
     """Outside the loop's own handler, a first SIGTERM is noted rather than fatal.
 
-    torchrun sends SIGTERM to every rank as soon as one fails; the survivors are then usually
-    unwinding the collective's error, and must live long enough to mark the run failed and
-    print why. A second SIGTERM interrupts; torchrun's SIGKILL after its grace period bounds the
-    rest.
+    torchrun sends SIGTERM to every rank as soon as one ends with a non-zero code: one that
+    failed, or one that stopped on a signal and exits 130 a moment before the others. The
+    survivors are then unwinding the collective's error, or reporting their own stop, and must
+    live long enough to mark the run and print why, and end with their own exit code. A second
+    SIGTERM interrupts; torchrun's SIGKILL after its grace period bounds the rest.
     """
     received: list[int] = []
 
@@ -314,13 +323,12 @@ def _sigterm_deferred() -> Iterator[None]:
         return
     try:
         yield
-    except BaseException:
-        # A torchrun worker that failed ends as soon as it has reported why: keep noting the
-        # first SIGTERM until then, or the message dies with it (exit -15, nothing printed).
+    finally:
+        # A torchrun worker ends as soon as it has reported how training ended: keep noting the
+        # first SIGTERM until then, or the report dies with it (exit -15, which torchrun and
+        # `--nproc` take for a crash even after a clean stop).
         if not under_torchrun():
             signal.signal(signal.SIGTERM, previous)
-        raise
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _collective_failure(exc: BaseException) -> bool:
