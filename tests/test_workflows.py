@@ -23,6 +23,7 @@ from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
 from kiln.engine.trainer import OutOfMemoryExit, Trainer
 from kiln.errors import CheckpointError, RunError
+from kiln.repro import software_versions
 from kiln.run import SOFTWARE, read_metrics
 
 ConfigFactory = Callable[..., Config]
@@ -122,13 +123,15 @@ def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
 ) -> None:
     run = workflows.train(smoke_config("eval.every_steps=0"), echo=False).run_dir
     shutil.rmtree(run / "checkpoints" / "step_00000030")  # the final one, the only one evaluated
+    started = json.loads((run / SOFTWARE).read_text()) | {"torch": "2.0.0"}  # trained elsewhere
+    (run / SOFTWARE).write_text(json.dumps(started))
     bundle = tmp_path / "bundle"
     workflows.export_run(run, bundle, "best")
     metadata = json.loads((bundle / "metadata.json").read_text())
     assert (metadata["step"], metadata["selected_by"], metadata["val_loss"]) == (20, "latest", None)
-    assert metadata["software"] == json.loads((run / SOFTWARE).read_text()) | {
-        "safetensors": safetensors.__version__
-    }
+    # What wrote the bundle, and what the run started with.
+    assert metadata["software"] == software_versions() | {"safetensors": safetensors.__version__}
+    assert metadata["trained_with"] == started
 
 
 

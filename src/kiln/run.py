@@ -150,9 +150,8 @@ class Run:
         """Log a warning when the run resumes under other software than it started with: from
         here on its steps can round differently from an uninterrupted run's (README,
         Determinism). Runs from before software.json are not checked."""
-        try:
-            started = json.loads((self.path / SOFTWARE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        started = started_software(self.path)
+        if started is None:
             return
         now = software_versions()
         changed = [f"{k} {started.get(k)} -> {v}" for k, v in sorted(now.items())
@@ -269,6 +268,14 @@ def read_summary(path: Path) -> dict[str, Any]:
         return json.loads((path / "metrics.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def started_software(path: Path) -> dict[str, Any] | None:
+    """The software versions a run started with (software.json); None for runs from before it."""
+    try:
+        return json.loads((path / SOFTWARE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def list_runs(root: Path) -> list[dict[str, Any]]:

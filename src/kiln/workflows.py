@@ -50,7 +50,7 @@ from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
 from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism, software_versions
-from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, write_eval
+from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, started_software, write_eval
 from kiln.sharded_checkpoint import with_full_model
 from kiln.streaming.executor import StreamedTraining
 from kiln.streaming.export import committed_checkpoint
@@ -390,7 +390,8 @@ def export_run(run_dir: Path, to_dir: Path, which: Which = "best") -> Path:
     if which == "best" and info.meta.get("val_loss") is None:
         which = "latest"  # no checkpoint was evaluated: say what was exported, not what was asked
     metadata = {
-        "software": software_versions() | {"safetensors": safetensors.__version__},
+        "software": software_versions() | {"safetensors": safetensors.__version__},  # export's
+        "trained_with": started_software(run_dir),  # what the run started with
         "run_id": run_dir.name,
         "checkpoint": info.path.name,
         "selected_by": which,
