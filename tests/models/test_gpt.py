@@ -117,6 +117,16 @@ def test_sampling_uses_the_given_generator_only() -> None:
     assert torch.equal(rng_before, torch.get_rng_state())
 
 
+def test_a_tiny_temperature_samples_the_greedy_tokens() -> None:
+    model = make().eval()
+    start = torch.tensor([[5]])
+    greedy = model.generate(start, 6, temperature=0.0, top_k=0)
+    for top_k in (0, 10):  # logits / 1e-40 overflowed to inf, and softmax gave NaN
+        tiny = model.generate(start, 6, temperature=1e-40, top_k=top_k,
+                              generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tiny, greedy)
+
+
 def test_dropout_active_only_in_training() -> None:
     model = make(dropout=0.5)
     idx = torch.randint(0, 97, (2, 8))

@@ -89,11 +89,13 @@ def sample_text(
     top_k: int,
     seed: int,
 ) -> str:
-    """``prompt`` followed by its sampled continuation, up to the end of text."""
+    """``prompt`` followed by its sampled continuation, up to the first special token (the end
+    of text, or a FIM or chain-of-thought marker that a model trained on those objectives may
+    emit: text past it belongs to another task)."""
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     (new,) = generate_ids(
         model, ids, 1, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        seed=seed, stop_tokens=[tokenizer.eot_id],
+        seed=seed, stop_tokens=code_stops(tokenizer),
     )
     return prompt + tokenizer.decode(new)
 

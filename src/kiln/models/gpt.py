@@ -222,7 +222,9 @@ class GPT(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
+                # Shift the top logit to 0 first: a tiny temperature then sends the others to
+                # -inf, not the top one to inf (the softmax is the same either way).
+                logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
                 if top_k:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
