@@ -204,3 +204,18 @@ def test_sigterm_before_the_first_step_marks_the_run_interrupted(tmp_path: Path)
     (run,) = tmp_path.iterdir()
     assert (run / "status").read_text().strip() == "interrupted"
     assert f"continue with: kiln resume {run}" in (run / "train.log").read_text()
+
+
+@pytest.mark.parametrize(("world_size", "hint"), [(None, ""), ("1", ""), ("2", " --nproc 2")])
+def test_an_interrupted_run_is_continued_with_as_many_processes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+    world_size: str | None, hint: str,
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:  # as torchrun sets it in each worker of `--nproc N`
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    outcome = workflows.TrainOutcome(tmp_path, "interrupted", 7, None, None, None, {})
+    assert cli._report(outcome) == 130
+    assert f"continue with: kiln resume {tmp_path}{hint}\n" in capsys.readouterr().out

@@ -236,7 +236,10 @@ def _report(outcome: TrainOutcome) -> int:
     print(f"run directory: {outcome.run_dir}")
     print(f"status: {outcome.status} at step {outcome.step}")
     if outcome.status == "interrupted":
-        print(f"continue with: kiln resume {outcome.run_dir}")
+        from kiln.workflows import resume_command  # imported already: it trained the run
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun for its workers
+        print(f"continue with: {resume_command(outcome.run_dir, world_size)}")
         return 130
     if outcome.val_ppl is not None:
         print(f"validation loss {outcome.val_loss:.4f}, perplexity {outcome.val_ppl:.2f}")

@@ -72,6 +72,11 @@ class TrainOutcome:
     final_eval: dict[str, float]
 
 
+def resume_command(run_dir: Path, world_size: int) -> str:
+    """The command that continues a run with as many processes as it had."""
+    return f"kiln resume {run_dir}" + (f" --nproc {world_size}" if world_size > 1 else "")
+
+
 def prepare_process(config: Config) -> torch.device:
     """Pin threads, set determinism flags and seed every RNG before anything random happens."""
     pin_threads(int(config.hardware.threads))
@@ -160,8 +165,7 @@ def _train_in(
         # The CLI reports only a clean stop; after a second Ctrl-C, a crash or a dead rank the
         # run itself says how to go on (a run that never trained a step has nothing to resume).
         if isinstance(exc, KeyboardInterrupt) or not _never_trained(run.path):
-            nproc = f" --nproc {placement.world_size}" if placement.world_size > 1 else ""
-            run.log(f"continue with: kiln resume {run.path}{nproc}")
+            run.log(f"continue with: {resume_command(run.path, placement.world_size)}")
         raise
     finally:
         run.close()
