@@ -182,3 +182,13 @@ def test_a_run_opened_from_inside_keeps_its_id(
     assert Run.open(Path(".."), echo=False).id == created.id
     monkeypatch.chdir(created.path)
     assert Run.open(Path("."), echo=False).id == created.id
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"job: lm\nseed: [\n", "valid YAML"), ("job: lm\n".encode("utf-16"), "UTF-8 text")],
+)
+def test_a_damaged_snapshot_is_a_run_error(tmp_path: Path, content: bytes, what: str) -> None:
+    (tmp_path / SNAPSHOT).write_bytes(content)
+    with pytest.raises(RunError, match=rf"{SNAPSHOT} is not {what}: .* restore it from a copy"):
+        Run.open(tmp_path)

@@ -101,8 +101,12 @@ class Run:
             )
         try:
             raw = yaml.safe_load(snapshot.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise RunError(f"{snapshot} is not valid YAML: {exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            what = "UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "valid YAML"
+            raise RunError(
+                f"{snapshot} is not {what}: {exc}. Kiln writes it once, as UTF-8 YAML; restore "
+                "it from a copy, or fix the edit that broke it"
+            ) from None
         return cls(path, validate_config(raw or {}), echo=echo)
 
     def claim(self) -> None:
