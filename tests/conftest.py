@@ -1,12 +1,16 @@
-"""Shared fixtures: the smoke config aimed at temporary folders, one shard cache per session."""
+"""Shared fixtures: the smoke config aimed at temporary folders, one shard cache per session,
+and a full disk."""
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from kiln.config import Config, load_config
 
@@ -31,6 +35,24 @@ def smoke_config(tmp_path: Path, shard_cache: Path) -> Callable[..., Config]:
         return load_config("smoke", [*base, *overrides])
 
     return make
+
+
+@pytest.fixture(params=["os", "safetensors"])
+def full_disk_save_file(request: pytest.FixtureRequest) -> Callable[..., None]:
+    """A stand-in for safetensors' ``save_file`` on a full disk: it writes part of the file, then
+    fails as the real one does, with an OSError or with safetensors' own error for its writes."""
+    error: Exception = (
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if request.param == "os"
+        else SafetensorError("Error while serializing: I/O error: No space left on device (os "
+                             "error 28)")
+    )
+
+    def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
+        Path(filename).write_bytes(b"\0" * 1000)
+        raise error
+
+    return save_file
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import SafetensorError
 
 from kiln import checkpoint
 from kiln.checkpoint import (
@@ -235,25 +234,10 @@ def test_retention_keeps_last_k_plus_protected_and_removes_leftovers(tmp_path):
         apply_retention(tmp_path, keep_last=0, protect=set())
 
 
-@pytest.mark.parametrize(
-    "error",
-    [
-        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
-        # How safetensors reports the same failure of its own write.
-        SafetensorError(
-            "Error while serializing: I/O error: No space left on device (os error 28)"
-        ),
-    ],
-    ids=["os", "safetensors"],
-)
 def test_disk_full_raises_checkpoint_error_and_leaves_no_temp_folder(
-    tmp_path, monkeypatch, error
+    tmp_path, monkeypatch, full_disk_save_file
 ):
-    def full_disk(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 1000)
-        raise error
-
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_save_file)
     with pytest.raises(CheckpointError) as caught:
         save_checkpoint(tmp_path, 9, {"w": torch.zeros(250_000)}, {})
     message = str(caught.value)
