@@ -118,6 +118,21 @@ def test_export_skips_a_corrupt_latest_checkpoint_and_says_so(
     assert "skipping checkpoint step 30" in capsys.readouterr().err
 
 
+def test_export_of_the_best_skips_a_corrupt_best_for_the_next_best(
+    smoke_config: ConfigFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = workflows.train(smoke_config(), echo=False).run_dir
+    evals = {r["step"]: r["val_loss"] for r in read_metrics(run) if r.get("event") == "eval"}
+    best, next_best = sorted(evals, key=lambda step: (evals[step], -step))[:2]
+    flip_a_byte(run / "checkpoints" / f"step_{best:08d}" / "state.safetensors")
+    bundle = tmp_path / "bundle"
+    workflows.export_run(run, bundle, "best")
+    assert json.loads((bundle / "metadata.json").read_text())["step"] == next_best
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint step {best}" in err
+    assert f"Using the next best valid checkpoint, step {next_best}" in err
+
+
 def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
     smoke_config: ConfigFactory, tmp_path: Path
 ) -> None:

@@ -214,8 +214,23 @@ def load_latest_valid(
     infos = list_checkpoints(ckpt_root)
     if not infos:
         return None
+    return load_first_valid(list(reversed(infos)), ckpt_root, warn, instead="previous valid")
+
+
+def load_first_valid(
+    preferred: list[CheckpointInfo],
+    ckpt_root: Path,
+    warn: Callable[[str], None],
+    *,
+    instead: str,
+) -> tuple[CheckpointInfo, Any]:
+    """Load the first of ``preferred`` (most wanted first) that verifies.
+
+    Each one before it that fails is reported through ``warn`` (naming the one used: the
+    ``instead`` checkpoint) and skipped; ``CheckpointError`` if none loads.
+    """
     failures: list[tuple[CheckpointInfo, CheckpointError]] = []
-    for info in reversed(infos):
+    for info in preferred:
         try:
             state, meta = load_checkpoint(info.path)
         except CheckpointError as exc:
@@ -224,12 +239,12 @@ def load_latest_valid(
         for bad, exc in failures:
             warn(
                 f"skipping checkpoint step {bad.step} ({bad.path}): {exc}\n"
-                f"Using the previous valid checkpoint, step {info.step} ({info.path}), instead."
+                f"Using the {instead} checkpoint, step {info.step} ({info.path}), instead."
             )
         return CheckpointInfo(info.path, info.step, meta), state
     details = "\n".join(f"- step {bad.step}: {exc}" for bad, exc in failures)
     raise CheckpointError(
-        f"none of the {len(infos)} checkpoints under {ckpt_root} can be loaded:\n{details}\n"
+        f"none of the {len(preferred)} checkpoints under {ckpt_root} can be loaded:\n{details}\n"
         "Restore a checkpoint from a backup, or start a new run in a fresh run directory."
     )
 

@@ -23,7 +23,7 @@ from kiln.checkpoint import (
     CheckpointInfo,
     check_shapes,
     list_checkpoints,
-    load_checkpoint,
+    load_first_valid,
     load_latest_valid,
 )
 from kiln.config import Config, resolve_config
@@ -254,7 +254,8 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
     """Load the best (lowest validation loss, ties to the later step) or latest valid checkpoint.
 
     Without any scored checkpoint, "best" falls back to the latest. Each file is verified once,
-    while loading; a newer checkpoint that fails is reported on stderr and skipped. The model
+    while loading; a checkpoint that fails is reported on stderr and skipped for the next best
+    (or the previous one, for "latest"). The model
     weights of a sharded (FSDP) checkpoint are consolidated into ``state["model"]``. A streaming
     run keeps only its last committed step, which is both its best and its latest.
     """
@@ -273,13 +274,16 @@ def _load_chosen(run_dir: Path, which: Which) -> tuple[CheckpointInfo, dict[str,
     if which == "best":
         scored = [i for i in list_checkpoints(ckpt_root) if i.meta.get("val_loss") is not None]
         if scored:
-            best = min(scored, key=lambda i: (i.meta["val_loss"], -i.step))
-            state, meta = load_checkpoint(best.path)
-            return CheckpointInfo(best.path, best.step, meta), state
-    found = load_latest_valid(ckpt_root, warn=lambda message: print(message, file=sys.stderr))
+            ranked = sorted(scored, key=lambda i: (i.meta["val_loss"], -i.step))
+            return load_first_valid(ranked, ckpt_root, _to_stderr, instead="next best valid")
+    found = load_latest_valid(ckpt_root, warn=_to_stderr)
     if found is None:
         raise CheckpointError(f"{run_dir} has no checkpoints yet; train or resume it first")
     return found
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def load_trained_model(
