@@ -106,7 +106,7 @@ def test_iter_documents_skips_and_counts_bad_files(tmp_path: Path) -> None:
     (tmp_path / "dir.py").mkdir()
     paths = [tmp_path / n for n in ("a.py", "b.py", "c.py", "d.py", "gone.py", "dir.py", "e.py")]
     stats = CorpusStats()
-    docs = list(iter_documents(paths, stats))
+    docs = [(doc.path, doc.text) for doc in iter_documents(paths, stats)]
     assert docs == [(tmp_path / "a.py", "print('héllo')\n"), (tmp_path / "e.py", "x = 2\n")]
     assert stats.files_read == 2
     assert stats.files_skipped == 5
@@ -121,7 +121,7 @@ def test_a_broken_symlink_is_found_and_counted_as_unreadable(tmp_path: Path) -> 
     files = find_files([Source(str(tmp_path))])
     assert _rel(files, tmp_path) == ["a.py", "gone.py"]  # the alias resolves to a.py: once
     stats = CorpusStats()
-    assert [text for _, text in iter_documents(files, stats)] == ["a = 1\n"]
+    assert [doc.text for doc in iter_documents(files, stats)] == ["a = 1\n"]
     assert stats.skipped_by_reason == {"unreadable": 1}
 
 
@@ -129,7 +129,7 @@ def test_a_second_copy_of_the_same_bytes_is_skipped_as_a_duplicate(tmp_path: Pat
     _write(tmp_path, {"a.py": "x = 1\n", "b.py": "y = 2\n", "c/a_copy.py": "x = 1\n"})
     stats = CorpusStats()
     paths = [tmp_path / n for n in ("a.py", "b.py", "c/a_copy.py")]
-    assert [p.name for p, _ in iter_documents(paths, stats)] == ["a.py", "b.py"]
+    assert [doc.path.name for doc in iter_documents(paths, stats)] == ["a.py", "b.py"]
     assert stats.files_read == 2 and stats.skipped_by_reason == {"duplicate": 1}
     assert stats.bytes_read == 12
 
@@ -180,6 +180,6 @@ def test_real_stdlib_files() -> None:
     names = [f.name for f in files]
     assert "__init__.py" in names and "decoder.py" in names
     stats = CorpusStats()
-    texts = {path.name: text for path, text in iter_documents(files, stats)}
+    texts = {doc.path.name: doc.text for doc in iter_documents(files, stats)}
     assert stats.files_read == len(files) and stats.files_skipped == 0
     assert "class JSONDecoder" in texts["decoder.py"]

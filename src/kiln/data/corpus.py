@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from kiln.errors import DataError
 
@@ -147,15 +148,25 @@ def root_relative(path: Path, roots: Sequence[Path]) -> str:
     raise ValueError(f"{path} is under none of {[str(r) for r in roots]}")
 
 
-def iter_documents(files: Sequence[Path], stats: CorpusStats) -> Iterator[tuple[Path, str]]:
-    """Yield (path, text) one file at a time; skip and count bad files, never raise for one.
+class Document(NamedTuple):
+    """A readable corpus file: its text, and the size and SHA-256 of its bytes."""
+
+    path: Path
+    text: str
+    nbytes: int
+    sha256: str  # hex
+
+
+def iter_documents(files: Sequence[Path], stats: CorpusStats) -> Iterator[Document]:
+    """Yield each usable file as a ``Document``, one at a time; skip and count bad files, never
+    raise for one.
 
     Reasons: ``unreadable`` (permissions, vanished, a broken symlink), ``not_utf8``, ``empty``
     (no bytes or whitespace only: nothing to learn from), ``duplicate`` (the same bytes as a
     file yielded before: a second copy could otherwise land in the other split and leak
     training text into validation).
     """
-    seen: set[bytes] = set()
+    seen: set[str] = set()
     for path in files:
         try:
             data = path.read_bytes()
@@ -170,14 +181,14 @@ def iter_documents(files: Sequence[Path], stats: CorpusStats) -> Iterator[tuple[
         if not text.strip():
             stats.skip("empty")
             continue
-        digest = hashlib.sha256(data).digest()
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             stats.skip("duplicate")
             continue
         seen.add(digest)
         stats.files_read += 1
         stats.bytes_read += len(data)
-        yield path, text
+        yield Document(path, text, len(data), digest)
 
 
 def split_of(path: Path, root_relative: str, val_fraction: float, seed: int) -> str:

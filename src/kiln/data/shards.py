@@ -240,11 +240,10 @@ def _scan(
     stats = CorpusStats()
     key = hashlib.sha256()
     docs: list[_Doc] = []
-    for path, text in iter_documents(files, stats):
-        data = text.encode("utf-8")
+    for path, _, nbytes, sha256 in iter_documents(files, stats):
         relative = root_relative(path, roots)
         split = split_of(path, relative, params["val_fraction"], params["split_seed"])
-        doc = _Doc(path, relative, len(data), hashlib.sha256(data).hexdigest(), split)
+        doc = _Doc(path, relative, nbytes, sha256, split)
         key.update(json.dumps([doc.relative, doc.size, doc.sha256]).encode() + b"\n")
         docs.append(doc)
     if not docs:
@@ -359,9 +358,9 @@ def _reread(docs: Sequence[_Doc]) -> Iterator[tuple[_Doc, str]]:
     """Stream the documents again; one that changed since the scan is an error, not a mix."""
     expected = iter(docs)
     stats = CorpusStats()
-    for path, text in iter_documents([doc.path for doc in docs], stats):
+    for path, text, _, sha256 in iter_documents([doc.path for doc in docs], stats):
         doc = next(expected)
-        if doc.path != path or hashlib.sha256(text.encode("utf-8")).hexdigest() != doc.sha256:
+        if doc.path != path or sha256 != doc.sha256:
             raise DataError(f"{doc.path} changed while token shards were built; rerun")
         yield doc, text
     if stats.files_skipped:
