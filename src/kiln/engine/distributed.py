@@ -265,9 +265,8 @@ def session(config: Config) -> Iterator[Local]:
             f"rank {rank} of {world}: a collective failed ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0]}). Another rank probably died or hung longer "
             f"than strategy.timeout_s ({config.strategy.timeout_s:g} s): see its output. The run "
-            "stopped; if it had trained a step, rank 0 logged the `kiln "
-            "resume` command that continues from the last checkpoint (the world size may "
-            "change)."
+            "stopped; if it had trained a step, rank 0 logged the `kiln resume` command that "
+            "continues from the last checkpoint (the world size may change)."
         ) from exc
     finally:
         dist.destroy_process_group()

@@ -4,7 +4,7 @@ A compile-rate prompt is a function's signature line (dedented, so a method beco
 function) plus its docstring when it has one; the model must write the body. A generated sample
 ends at the first non-blank line back at column 0 (the function is over), at the end of the text,
 or, when generation ran out of tokens, at the last complete line. A prompt with a docstring already
-compiles on its own, so a sample counts only if its body holds a statement (``has_body``): the
+compiles on its own, so a sample counts only if its body holds a statement (``body_compiles``): the
 metric cannot be passed by generating nothing.
 """
 
@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 
 import numpy as np
+
+from kiln.eval.compile_check import compiles
 
 _SIGNATURE = re.compile(r"^[ \t]*(async[ \t]+)?def[ \t]+\w+[ \t]*\(.*\).*:[ \t]*(#.*)?$")
 _DOCSTRING_OPEN = re.compile(r'^[ \t]*[rRbBuU]?("""|\'\'\')')
@@ -85,3 +87,9 @@ def has_body(prompt: str, sample: str) -> bool:
         line.strip() and not line.lstrip().startswith("#")
         for line in sample[len(prompt) :].split("\n")
     )
+
+
+def body_compiles(prompt: str, sample: str) -> bool:
+    """Whether ``sample`` (``prompt`` plus the model's body) writes a statement and compiles:
+    what the compile rate counts."""
+    return has_body(prompt, sample) and compiles(sample)

@@ -21,8 +21,7 @@ from typing import Any
 
 from kiln.errors import ConfigError
 from kiln.eval.code_problems import CodeProblem
-from kiln.eval.compile_check import compiles
-from kiln.eval.function_completion import has_body
+from kiln.eval.function_completion import body_compiles
 from kiln.eval.sandbox import SandboxLimits, check_sandbox, run_candidate
 
 DEFAULT_KS = (1, 10)
@@ -166,7 +165,7 @@ def evaluate_pass_at_k(
         first_failure = None
         for completion in completions:
             program = problem.prompt + completion  # a docstring alone compiles: need a body
-            compiled += has_body(problem.prompt, program) and compiles(program)
+            compiled += body_compiles(problem.prompt, program)
             result = run_candidate(problem, completion, limits)
             statuses[result.status] += 1
             correct += result.passed

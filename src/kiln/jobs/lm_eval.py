@@ -21,8 +21,7 @@ from kiln.data.loader import Stream
 from kiln.data.tokenizer import KilnTokenizer
 from kiln.errors import KilnError
 from kiln.eval.code_problems import CodeProblem, load_problems
-from kiln.eval.compile_check import compiles
-from kiln.eval.function_completion import function_prompts, function_sample, has_body
+from kiln.eval.function_completion import body_compiles, function_prompts, function_sample
 from kiln.eval.passk import evaluate_pass_at_k
 from kiln.eval.perplexity import evaluate_perplexity
 from kiln.eval.sandbox import SandboxLimits
@@ -96,7 +95,7 @@ class LMEvaluator:
             )
             samples.append(function_sample(prompt, completion.text, finished=completion.finished))
         passed = [
-            has_body(prompt, sample) and compiles(sample)
+            body_compiles(prompt, sample)
             for prompt, sample in zip(self._prompts, samples, strict=True)
         ]
         if not samples:  # a rate of 0 would read as "nothing compiles": report no rate
