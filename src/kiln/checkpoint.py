@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -169,6 +170,15 @@ def load_checkpoint(path: Path) -> tuple[Any, dict]:
             "probably written by an incompatible kiln version. Resume from another checkpoint."
         ) from exc
     return state, _read_manifest(path)["meta"]
+
+
+def check_model_state(path: Path, model: torch.nn.Module, weights: Mapping[str, Any]) -> None:
+    """``check_shapes`` of a checkpoint's model state against ``model``'s own tensors."""
+
+    def shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}
+
+    check_shapes(path, shapes(model.state_dict()), shapes(weights))
 
 
 def check_shapes(

@@ -21,7 +21,7 @@ import torch
 
 from kiln.checkpoint import (
     CheckpointInfo,
-    check_shapes,
+    check_model_state,
     list_checkpoints,
     load_first_valid,
     load_latest_valid,
@@ -324,13 +324,9 @@ def _prepare_inference(run: Run) -> torch.device:
 def _load_weights(model: torch.nn.Module, info: CheckpointInfo, weights: dict[str, Any]) -> None:
     """Load a checkpoint's weights into the model the run's snapshot describes; a snapshot
     edited since (other model settings) is a CheckpointError, as on resume, not a traceback."""
-    check_shapes(info.path, _shapes(model.state_dict()), _shapes(weights))
+    check_model_state(info.path, model, weights)
     model.load_state_dict(weights)
 
-
-def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor of a model state dict."""
-    return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}
 
 
 def evaluate_run(

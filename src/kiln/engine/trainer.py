@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kiln.checkpoint import apply_retention, check_shapes, checkpoint_due
+from kiln.checkpoint import apply_retention, check_model_state, checkpoint_due
 from kiln.config import Config
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
 from kiln.engine.memory import SpikeDetector, memory_in_use, memory_report
@@ -125,7 +125,7 @@ class Trainer:
             return False
         info, state = found
         if "model" in state:  # a streamed run's weights are in its store, checked there
-            check_shapes(info.path, _shapes(self.model.state_dict()), _shapes(state["model"]))
+            check_model_state(info.path, self.model, state["model"])
         self.load_state_dict(state)
         self.run.truncate_metrics_after(self.progress.step)
         self.run.log(f"resumed from {info.path.name} (step {self.progress.step})")
@@ -367,7 +367,3 @@ class Trainer:
         )
         self.run.log(line, echo=echo)
 
-
-def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shape of each tensor of a model state dict."""
-    return {key: tuple(value.shape) for key, value in state.items() if torch.is_tensor(value)}
