@@ -51,13 +51,17 @@ def test_needs_count_state_grads_and_the_head_borrowing_the_embedding() -> None:
     model = GPT(shape)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     plan = build_plan(model)
-    needs, boundaries = measure_needs(plan, torch.zeros(4, 16, dtype=torch.long), 2, 2)
+    call = ((torch.zeros(4, 16, dtype=torch.long),), {})
+    needs, boundaries = measure_needs(plan, call, 2, 2)
     block = sum(p.numel() for p in model.blocks[0].parameters()) * 4
     embed = (64 + 16) * 32 * 4
+    tied = 2 * 64 * 32 * 4  # the head's gradient of the token embedding, per micro-batch
     assert [n.name for n in needs] == ["embed", "block0", "block1", "head"]
-    assert needs[1].state == 3 * block and needs[1].grads == block
+    # The tied gradient is held from the head's backward down to the embedding's.
+    assert needs[1].state == 3 * block and needs[1].grads == block + tied
     assert needs[-1].state == 3 * (embed + 2 * 32 * 4)  # ln_f plus the owner's embeddings
-    assert needs[-1].grads == 2 * 32 * 4 + 2 * 64 * 32 * 4  # tied grads held per micro-batch
+    assert needs[-1].grads == 2 * 32 * 4 + tied
+    assert needs[0].grads == embed + tied
     assert all(n.activations > 0 for n in needs)
     # Ids go in (8 bytes each), then a (4, 16, 32) fp32 activation per chunk boundary.
     assert boundaries == 2 * (4 * 16 * 8 + 3 * 4 * 16 * 32 * 4)

@@ -8,7 +8,7 @@ from torch import nn
 
 from kiln.errors import ConfigError
 from kiln.models.gpt import GPT, GPTShape
-from kiln.streaming.chunks import build_plan, model_chunks
+from kiln.streaming.chunks import StreamChunk, assemble, build_plan, model_chunks
 
 
 def _gpt() -> GPT:
@@ -93,3 +93,64 @@ def test_a_chunk_name_that_cannot_be_part_of_a_file_name_is_refused(name: str) -
         r"part of a file name; give each StreamChunk a non-empty name",
     ):
         build_plan(Named())
+
+
+class _Rows(nn.Module):
+    """A (6, 2) stack of vectors, used by two chunks as row ranges ``first`` and ``second``."""
+
+    def __init__(self, first: range, second: range | None, whole_too: bool = False) -> None:
+        super().__init__()
+        self.stack = nn.Parameter(torch.arange(12.0).view(6, 2))
+        self.other = nn.Parameter(torch.zeros(3))
+        self.first, self.second, self.whole_too = first, second, whole_too
+
+    def stream_chunks(self) -> list[StreamChunk]:
+        chunks = [StreamChunk("a", _Holds(self.stack), {self.stack: self.first})]
+        if self.second is not None:
+            chunks.append(StreamChunk("b", _Holds(self.stack), {self.stack: self.second}))
+        if self.whole_too:
+            chunks.append(StreamChunk("c", _Holds(self.stack)))
+        return [*chunks, StreamChunk("other", _Holds(self.other))]
+
+
+class _Holds(nn.Module):
+    def __init__(self, p: nn.Parameter) -> None:
+        super().__init__()
+        self.p = p
+
+
+def test_row_ranges_of_a_stacked_parameter_are_pieces_owned_like_parameters() -> None:
+    model = _Rows(range(0, 4), range(4, 6))
+    plan = build_plan(model)
+    assert list(plan.params) == ["stack[0:4]", "stack[4:6]", "other"]
+    assert plan.owned == [["stack[0:4]"], ["stack[4:6]"], ["other"]]
+    assert plan.pieces == {"stack": ["stack[0:4]", "stack[4:6]"]}
+    assert plan.shapes["stack[4:6]"] == (2, 2) and plan.whole_shape("stack[4:6]") == (6, 2)
+    assert torch.equal(plan.data("stack[4:6]"), model.stack[4:].detach())
+    pieces = {n: plan.data(n) for n in plan.params}
+    assert torch.equal(assemble(pieces, plan.pieces)["stack"], model.stack.detach())
+    assert plan.state_keys == [("stack", "stack"), ("other", "other")]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "whole_too"),
+    [(range(0, 4), range(3, 6), False), (range(0, 3), range(4, 6), False),
+     (range(0, 4), None, False), (range(0, 4), range(4, 6), True)],
+    ids=["overlap", "gap", "short", "whole-too"],
+)
+def test_row_ranges_must_cover_the_parameter_exactly_once(
+    first: range, second: range | None, whole_too: bool
+) -> None:
+    with pytest.raises(ConfigError, match=r"parameter 'stack' .* every row exactly once"):
+        build_plan(_Rows(first, second, whole_too))
+
+
+def test_rows_outside_the_parameter_or_of_a_foreign_parameter_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"rows range\(4, 8\) .* within dim 0"):
+        build_plan(_Rows(range(0, 4), range(4, 8)))
+    model = _Rows(range(0, 6), None)
+    chunks = model.stream_chunks()
+    chunks[0].rows[model.other] = range(0, 1)
+    model.stream_chunks = lambda: chunks  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match="rows of a parameter its module does not use"):
+        build_plan(model)

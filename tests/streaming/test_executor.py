@@ -27,7 +27,9 @@ from kiln.errors import CheckpointError, ConfigError
 from kiln.jobs.lm import prepare_data
 from kiln.run import read_metrics
 from kiln.streaming import store as store_module
+from kiln.streaming.chunks import StreamChunk
 from kiln.streaming.executor import StreamedTraining
+from kiln.streaming.export import committed_checkpoint
 from kiln.streaming.location import store_root
 from kiln.streaming.store import MANIFEST
 
@@ -230,6 +232,107 @@ def test_a_users_sequential_model_with_frozen_parameters_trains_like_in_memory(
     assert torch.equal(model[0].weight, initial[0].weight)
     assert torch.equal(model[2].bias, initial[2].bias)
     assert not torch.equal(model[2].weight, initial[2].weight)
+
+
+class _Stacked(nn.Module):
+    """Four units stacked along dim 0, streamed two per chunk; a call with a keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 3))
+        self.b = nn.Parameter(torch.randn(4, 3))  # a stack of vectors: not decayed
+        self.out = nn.Linear(12, 3)
+
+    def decayed_parameters(self) -> list[nn.Parameter]:
+        return [self.w, self.out.weight]
+
+    def units(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs (B, units, 3) through the units whose rows ``w`` and ``b`` hold now."""
+        return torch.einsum("bgi,gio->bgo", x, self.w) + self.b
+
+    def forward(self, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return self.out(self.units(x * scale).flatten(1))
+
+    def stream_chunks(self) -> list[StreamChunk]:
+        front, back = range(0, 2), range(2, 4)
+        return [
+            StreamChunk("front", _Front(self), {self.w: front, self.b: front}),
+            StreamChunk("back", _Back(self), {self.w: back, self.b: back}),
+            StreamChunk("out", self.out),
+        ]
+
+
+class _Front(nn.Module):
+    def __init__(self, model: _Stacked) -> None:
+        super().__init__()
+        # Holding the whole model, this chunk owns ``out`` without using it: the last chunk
+        # borrows it, and the borrowed gradient must still reach it.
+        self.model = model
+
+    def forward(self, x: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * scale, self.model.units(x[:, :2] * scale)
+
+
+class _Back(nn.Module):
+    def __init__(self, model: _Stacked) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, flow: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, front = flow
+        return torch.cat((front, self.model.units(x[:, 2:])), dim=1).flatten(1)
+
+
+class _StackedJob:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+        return nn.functional.cross_entropy(model(batch["x"], scale=0.5), batch["y"]), {}
+
+
+@pytest.mark.parametrize("budget", [4_000, 10_000_000], ids=["streamed", "resident"])
+def test_a_model_streaming_row_ranges_of_stacked_weights_trains_like_in_memory(
+    tmp_path: Path, budget: int
+) -> None:
+    torch.manual_seed(0)
+    model = _Stacked()
+    reference = copy.deepcopy(model)
+    config = validate_config(
+        {
+            "strategy": {"name": "streaming", "memory_budget": budget},
+            "hardware": {"device": "cpu"},
+            "optimizer": {"lr": 0.01, "weight_decay": 0.5},
+        }
+    )
+    log: list[str] = []
+    job = _StackedJob(model)
+    training = StreamedTraining(config, job, tmp_path, torch.device("cpu"), log.append)
+    assert training.plan.pieces == {"w": ["w[0:2]", "w[2:4]"], "b": ["b[0:2]", "b[2:4]"]}
+    optimizer = build_optimizer(reference, config.optimizer)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x, y = torch.randn(8, 4, 3, generator=g), torch.randint(0, 3, (8,), generator=g)
+        batch = {"x": x, "y": y}
+        training.train_step(batch, 4, lrs, step)
+        training.commit(step + 1, {}, {})
+        for micro in split_batch(batch, 4):
+            (job.loss(reference, micro)[0] / 2).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), config.training.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
+    training.load_model()
+    training.close()
+    assert any("resident" in line for line in log) == (budget > 4_000)
+    for (name, streamed), expected in zip(
+        model.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(streamed, expected, msg=name)
+    exported = committed_checkpoint(config, tmp_path)
+    assert exported is not None
+    for name, tensor in exported[1]["model"].items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
 
 
 def test_a_streamed_evaluation_sees_the_step_it_follows(

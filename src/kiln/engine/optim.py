@@ -30,11 +30,15 @@ def decayed_parameters(model: nn.Module) -> set[int]:
     return {id(p) for p in model.parameters() if p.ndim >= 2}
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerSection, decayed: set[int] | None = None
+) -> torch.optim.Optimizer:
     """AdamW (default), 8-bit AdamW or SGD with momentum; weight decay applies to matrices only.
 
     Biases, LayerNorm gains and other vectors are not decayed: shrinking them towards zero
-    fights normalisation rather than regularising capacity.
+    fights normalisation rather than regularising capacity. ``decayed`` (parameter ids) says
+    which are matrices when ``model`` holds only some of a model's parameters; by default
+    ``decayed_parameters(model)``.
 
     AdamW and SGD use torch's fused kernels (one pass over each parameter, its gradient and its
     state) where the parameters' device has them: on a CPU the step is 2-4x faster than torch's
@@ -43,7 +47,7 @@ def build_optimizer(model: nn.Module, cfg: OptimizerSection) -> torch.optim.Opti
     """
     params = [p for p in model.parameters() if p.requires_grad]
     fused = _fused_kernels_apply(params)
-    decayed = decayed_parameters(model)
+    decayed = decayed_parameters(model) if decayed is None else decayed
     groups = [
         {"params": [p for p in params if id(p) in decayed], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},

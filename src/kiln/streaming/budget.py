@@ -4,8 +4,10 @@ What the budget covers (all in bytes):
 - the boundary activations of every chunk for every micro-batch of the step (kept between the
   forward and the backward passes), and the gradients flowing back across one boundary;
 - for the chunk being computed: its weights and optimizer state, the weights of the chunks it
-  borrows from, its gradients (fp32, one per parameter, plus one per borrowed parameter per
-  micro-batch) and the activations autograd saves while it recomputes one micro-batch;
+  borrows from, its gradients (one per parameter) plus the borrowed parameters' gradients held
+  at that point of the backward (one per parameter per micro-batch, from the backward of the
+  last chunk that borrows it to its owner's) and the activations autograd saves while it
+  recomputes one micro-batch;
 - whatever else fits: other cached chunks and prefetched reads.
 Activation sizes are measured by running each chunk on the meta device (no memory, no compute)
 and counting what autograd saves; the last chunk's loss gets three more copies of its output
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves, tree_map
 
 from kiln.errors import ConfigError
 from kiln.streaming.chunks import ChunkPlan
@@ -95,20 +99,40 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _local_names(plan: ChunkPlan, module: torch.nn.Module) -> list[tuple[str, str]]:
-    """(name inside ``module``, model-level name) of each parameter the module holds."""
-    global_name = {id(p): n for n, p in plan.params.items()}
+def _local_names(plan: ChunkPlan, index: int) -> list[tuple[str, str]]:
+    """(name inside chunk ``index``'s module, piece) of each parameter the module holds."""
+    chunk = plan.chunks[index]
+    global_name = {id(p): n for n, p in plan.params.items() if n not in plan.rows}
+    global_name |= {id(plan.params[n]): n for n in plan.used[index] if n in plan.rows}
     return [
         (local, global_name[id(p)])
-        for local, p in module.named_parameters(remove_duplicate=False)
+        for local, p in chunk.module.named_parameters(remove_duplicate=False)
     ]
 
 
-def measure_needs(
-    plan: ChunkPlan, sample: torch.Tensor, micro_batches: int, state_per_weight: int
-) -> tuple[list[ChunkNeeds], int]:
-    """Per-chunk needs for micro-batches shaped like ``sample`` and the step's boundary bytes.
+def _held(plan: ChunkPlan) -> list[list[str]]:
+    """Per chunk: the borrowed pieces whose gradients are held while it runs its backward.
 
+    A borrower's gradient is held from the backward of the last chunk that borrows the piece
+    down to (and including) its owner's, where it is added to the owner's own.
+    """
+    last_use = {n: j for j in range(len(plan.chunks)) for n in plan.borrowed(j)}
+    return [
+        [n for n, last in last_use.items() if plan.owner[n] <= j <= last]
+        for j in range(len(plan.chunks))
+    ]
+
+
+def _to_meta(value: Any) -> Any:
+    return value.to("meta") if torch.is_tensor(value) else value
+
+
+def measure_needs(
+    plan: ChunkPlan, call: Any, micro_batches: int, state_per_weight: int
+) -> tuple[list[ChunkNeeds], int]:
+    """Per-chunk needs for micro-batches like ``call`` and the step's boundary bytes.
+
+    ``call`` is the model's input for one micro-batch, ``(args, kwargs)``;
     ``state_per_weight`` is bytes of optimizer state per byte of weight (2 for AdamW).
     """
     saved: list[int] = []
@@ -122,29 +146,43 @@ def measure_needs(
             saved[-1] += _nbytes(t)
         return t
 
-    x = sample.to("meta")
+    def handed_on(t: Any) -> Any:
+        """What the next chunk receives: a tensor passed on unchanged stays that tensor."""
+        if not torch.is_tensor(t) or id(t) in inputs:
+            return t
+        return t.detach().requires_grad_() if t.is_floating_point() else t.detach()
+
+    x = tree_map(_to_meta, call)
+    for t in tree_leaves(x):
+        if torch.is_tensor(t) and t.is_floating_point():
+            t.requires_grad_()
     boundaries = 0
-    for chunk in plan.chunks:
-        boundaries += _nbytes(x) * micro_batches
+    kept: set[int] = set()  # boundary tensors counted so far: chunks may pass some on as is
+    for j, chunk in enumerate(plan.chunks):
+        inputs = {id(t) for t in tree_leaves(x) if torch.is_tensor(t)}
+        boundaries += micro_batches * sum(
+            _nbytes(t) for t in tree_leaves(x) if torch.is_tensor(t) and id(t) not in kept
+        )
+        kept |= inputs
         saved.append(0)
         meta = {
-            n: torch.empty(plan.shapes[id_name], dtype=plan.dtypes[id_name], device="meta")
-            for n, id_name in _local_names(plan, chunk.module)
+            local: torch.empty(plan.shapes[piece], dtype=plan.dtypes[piece], device="meta")
+            for local, piece in _local_names(plan, j)
         }
         weights.clear()
         weights.update(id(t) for t in meta.values())
-        x_in = x.requires_grad_() if x.is_floating_point() else x
+        args, kwargs = x if j == 0 else ((x,), {})
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = functional_call(chunk.module, meta, (x_in,)).detach()
-        outputs.append(_nbytes(x))
+            x = tree_map(handed_on, functional_call(chunk.module, meta, args, kwargs))
+        outputs.append(sum(_nbytes(t) for t in tree_leaves(x) if torch.is_tensor(t)))
     weight = {n: plan.shapes[n].numel() * plan.dtypes[n].itemsize for n in plan.params}
+    held = _held(plan)
     needs = []
     for j, chunk in enumerate(plan.chunks):
-        borrowed = plan.borrowed(j)
         owners = set(plan.needed(j))
         state = sum(weight[n] for k in owners for n in plan.owned[k]) * (1 + state_per_weight)
         grads = sum(weight[n] for n in plan.owned[j]) + micro_batches * sum(
-            weight[n] for n in borrowed
+            weight[n] for n in held[j]
         )
         extra = 3 * outputs[j] if j == plan.last else 2 * outputs[j]
         needs.append(ChunkNeeds(chunk.name, state, grads, saved[j] + extra))

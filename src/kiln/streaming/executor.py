@@ -42,17 +42,18 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from kiln.checkpoint import check_shapes
 from kiln.config import Config
 from kiln.engine.allocator import map_large_allocations, release_free_memory
 from kiln.engine.job import TrainableJob, batch_size, batch_to, split_batch
-from kiln.engine.optim import build_optimizer
+from kiln.engine.optim import build_optimizer, decayed_parameters
 from kiln.engine.precision import autocast
 from kiln.errors import ConfigError
 from kiln.streaming.budget import check_budget, measure_needs, resolve_budget
 from kiln.streaming.cache import ChunkCache, IOStats, Key
-from kiln.streaming.chunks import build_plan
+from kiln.streaming.chunks import build_plan, slice_of
 from kiln.streaming.location import note_committed, refuse_a_missing_store, store_root
 from kiln.streaming.memory import current_rss, peak_rss, reset_peak
 from kiln.streaming.store import MANIFEST, ChunkStore
@@ -75,28 +76,56 @@ def _uncreatable(folder: Path) -> str | None:
     return None
 
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # what the model's forward receives: args, kwargs
+
+
 class _Captured(Exception):
-    def __init__(self, inputs: tuple[Any, ...]) -> None:
+    def __init__(self, call: Call) -> None:
         super().__init__("model input captured")
-        self.inputs = inputs
+        self.call = call
 
 
 class _Probe(nn.Module):
     """Stands in for the model to learn what the job's loss feeds it."""
 
-    def forward(self, *inputs: Any) -> torch.Tensor:
-        raise _Captured(inputs)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise _Captured((args, kwargs))
 
 
 class _Output(nn.Module):
-    """Stands in for the model inside the job's loss: returns the last chunk's output."""
+    """Stands in for the model inside the job's loss: returns the last chunk's output.
 
-    def __init__(self, out: torch.Tensor) -> None:
+    Any other attribute is the model's own, so a loss may use the model's helpers too; the
+    weights those read are resident only if the last chunk uses (borrows) them.
+    """
+
+    def __init__(self, out: Any, model: nn.Module) -> None:
         super().__init__()
         self.out = out
+        self.__dict__["_model"] = model  # a plain attribute: not a submodule
 
-    def forward(self, *_inputs: Any) -> torch.Tensor:
+    def forward(self, *_args: Any, **_kwargs: Any) -> Any:
         return self.out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_model"], name)
+
+
+def _float_leaves(tree: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a chunk's input or output, in a fixed order."""
+    return [t for t in tree_leaves(tree) if torch.is_tensor(t) and t.is_floating_point()]
+
+
+def _as_leaves(tree: Any) -> Any:
+    """``tree`` with each floating-point tensor detached into a leaf that requires grad."""
+
+    def leaf(t: Any) -> Any:
+        return t.detach().requires_grad_() if torch.is_tensor(t) and t.is_floating_point() else t
+
+    return tree_map(leaf, tree)
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -159,6 +188,7 @@ class StreamedTraining:
         self.device = device
         self.log = log
         self.plan = build_plan(job.model)
+        self._decayed = decayed_parameters(job.model)  # a chunk's parameters alone can't tell
         self.run_dir = Path(run_dir)
         root = store_root(config, self.run_dir)
         # The folder itself is made at the first write, so that a run refused at start-up
@@ -245,12 +275,23 @@ class StreamedTraining:
         if not self.versions.started:  # never streamed: the model still holds its weights
             return
         self.versions.flush()
-        for j in range(len(self.plan.chunks)):
+        plan = self.plan
+        whole: dict[str, torch.Tensor] = {}  # split parameters, filled piece by piece
+        for j in range(len(plan.chunks)):
             if self.cache is not None:  # this step's version may still be on its way to disk
                 self.cache.wait_write((j, WEIGHTS))
             tensors = self.store.read(self.versions.record(j, WEIGHTS))  # type: ignore[arg-type]
-            for name in self.plan.owned[j]:
-                self.plan.params[name].data = tensors[name].to(self.device, copy=True)
+            for name in plan.owned[j]:
+                if name not in plan.rows:
+                    plan.params[name].data = tensors[name].to(self.device, copy=True)
+                    continue
+                param, rows = plan.rows[name]
+                if param not in whole:
+                    shape, dtype = plan.whole_shape(name), plan.dtypes[name]
+                    whole[param] = torch.empty(shape, dtype=dtype, device=self.device)
+                whole[param][slice_of(rows)] = tensors[name]
+        for param, tensor in whole.items():
+            plan.params[plan.pieces[param][0]].data = tensor
 
     def close(self) -> None:
         """Wait for the last commit, stop the I/O threads, delete the store's spare files and
@@ -312,15 +353,14 @@ class StreamedTraining:
         values = {name: value.item() for name, value in self._logged(st).items()}
         return values.pop("loss"), values, float(total_norm)
 
-    def _model_input(self, micro: Any) -> Any:
+    def _model_input(self, micro: Any) -> Call:
         """What the job's loss passes to the model for ``micro`` (the first chunk's input)."""
         try:
             self.job.loss(_Probe(), micro)
         except _Captured as captured:
-            if len(captured.inputs) == 1:
-                return captured.inputs[0]
+            return captured.call
         raise ConfigError(
-            "streaming needs a job whose loss calls the model once with one input; "
+            "streaming needs a job whose loss calls the model once; "
             f"{type(self.job).__name__}.loss does not. Use strategy.name single."
         )
 
@@ -393,13 +433,20 @@ class StreamedTraining:
                 self._acquire(st, j, (WEIGHTS,))
                 outs = []
                 for m, xm in enumerate(x):
-                    if self._resident and xm.is_floating_point():
-                        xm = st.leaves[j, m] = xm.detach().requires_grad_()
+                    if self._resident and j > 0:
+                        xm = st.leaves[j, m] = _as_leaves(xm)
                     with self._replay_rng(st, j, m), autocast(self.cfg.precision, self.device):
-                        outs.append(self.plan.chunks[j].module(xm))
+                        outs.append(self._call(j, xm))
                 self._release(j)
                 x, outs = outs, []
                 st.bounds.append(x)
+
+    def _call(self, j: int, x: Any) -> Any:
+        """Chunk ``j`` on its input: the model's call for the first chunk, else one value."""
+        if j == 0:
+            args, kwargs = x
+            return self.plan.chunks[0].module(*args, **kwargs)
+        return self.plan.chunks[j].module(x)
 
     def _backward(self, st: _Step, update: _Update | None) -> dict[str, torch.Tensor]:
         """Chunks in reverse: recompute, back-propagate, accumulate; update if asked.
@@ -408,7 +455,7 @@ class StreamedTraining:
         """
         plan = self.plan
         first = st.rng_end is None
-        upstream: list[torch.Tensor | None] = [None] * len(st.micros)
+        upstream: list[list[torch.Tensor | None]] = [[] for _ in st.micros]
         held: dict[str, list[torch.Tensor | None]] = {}  # borrowed params' grads per micro
         norms: dict[str, torch.Tensor] = {}
         for j in range(plan.last, -1, -1):
@@ -422,9 +469,10 @@ class StreamedTraining:
             names = [n for n in plan.used[j] if plan.params[n].requires_grad]
             leaves = [plan.params[n] for n in names]
             acc: dict[str, torch.Tensor] = {}
-            downstream: list[torch.Tensor | None] = []
+            downstream: list[list[torch.Tensor | None]] = []
             for m, x in enumerate(st.bounds[j]):
-                x_in = x.detach().requires_grad_() if x.is_floating_point() else x
+                # The first chunk's input is data: no gradient is wanted for it.
+                x_in = _as_leaves(x) if j > 0 else x
                 with (
                     self._replay_rng(st, j, m),
                     torch.enable_grad(),
@@ -433,23 +481,33 @@ class StreamedTraining:
                     if j < plan.last and self._resident:  # the forward's graph, kept
                         x_in, out = st.leaves.pop((j, m), x), st.bounds[j + 1][m]
                     else:
-                        out = plan.chunks[j].module(x_in)
-                    grad_out = upstream[m]
+                        out = self._call(j, x_in)
                     if j == plan.last:
-                        loss, parts = self.job.loss(_Output(out), st.micros[m])
-                        out, grad_out = loss * st.weights[m], None
+                        loss, parts = self.job.loss(_Output(out, self.job.model), st.micros[m])
+                        outs, grad_outs = [loss * st.weights[m]], None
                         if first:
                             for name, value in {"loss": loss, **parts}.items():
                                 st.sums[name] = (
                                     st.sums.get(name, 0.0) + value.detach().float() * st.weights[m]
                                 )
-                wrt = [*leaves, x_in] if x_in.requires_grad else leaves
+                    else:  # the gradient arriving at each output tensor that has one
+                        flows = [
+                            (o, g)
+                            for o, g in zip(_float_leaves(out), upstream[m], strict=True)
+                            if g is not None and o.requires_grad
+                        ]
+                        outs, grad_outs = [o for o, _ in flows], [g for _, g in flows]
+                inputs = _float_leaves(x_in) if j > 0 else []
+                wrt = [*leaves, *inputs]
                 # Nothing to differentiate: a frozen first chunk fed token ids.
-                grads = torch.autograd.grad(out, wrt, grad_out, allow_unused=True) if wrt else ()
+                grads = (
+                    torch.autograd.grad(outs, wrt, grad_outs, allow_unused=True)
+                    if wrt and outs
+                    else [None] * len(wrt)
+                )
                 for name, g in zip(names, grads[: len(names)], strict=True):
-                    if g is not None:
-                        self._accumulate(j, m, name, g, acc, held, len(st.micros))
-                downstream.append(grads[-1] if x_in.requires_grad else None)
+                    self._accumulate(j, m, name, g, acc, held, len(st.micros))
+                downstream.append(list(grads[len(names) :]))
             if first and j == plan.last:
                 st.rng_end = _rng_state(self.device)
             self._regularize(j, acc, st, record=first)
@@ -465,7 +523,7 @@ class StreamedTraining:
             self._release(j)
             # Free this chunk's gradients and graph before the next chunk arrives.
             upstream, downstream = downstream, []
-            del acc, grads, out, wrt
+            del acc, grads, out, outs, wrt
         return norms
 
     def _accumulate(
@@ -473,23 +531,28 @@ class StreamedTraining:
         j: int,
         m: int,
         name: str,
-        g: torch.Tensor,
+        g: torch.Tensor | None,
         acc: dict[str, torch.Tensor],
         held: dict[str, list[torch.Tensor | None]],
         micros: int,
     ) -> None:
-        """Add one micro-batch's gradient the way autograd's accumulation would.
+        """Add one micro-batch's gradient (None: the chunk did not use the parameter) the way
+        autograd's accumulation would.
 
         In one in-memory backward, a tied parameter's contributions are summed first and that
-        sum is added to ``.grad``; a borrower's contribution is held until the owner's arrives.
+        sum is added to ``.grad``; a borrower's contribution is held until the owner's arrives,
+        and reaches the parameter even if the owner itself does not use it.
         """
         if self.plan.owner[name] != j:
-            slot = held.setdefault(name, [None] * micros)
-            slot[m] = g if slot[m] is None else slot[m] + g
+            if g is not None:
+                slot = held.setdefault(name, [None] * micros)
+                slot[m] = g if slot[m] is None else slot[m] + g
             return
         borrowed = held.get(name)
         if borrowed is not None and borrowed[m] is not None:
-            g = borrowed[m] + g
+            g = borrowed[m] if g is None else borrowed[m] + g
+        if g is None:
+            return
         if name in acc:
             acc[name].add_(g)
         else:
@@ -534,7 +597,9 @@ class StreamedTraining:
         if params:
             if not saved:  # the optimizer creates its state now: evict to make room for it
                 self.cache.make_room(self._state_per_weight * sum(_nbytes(p) for p in params))
-            optimizer = build_optimizer(nn.ParameterList(params), self.cfg.optimizer)
+            optimizer = build_optimizer(
+                nn.ParameterList(params), self.cfg.optimizer, self._decayed
+            )
             for group, lr in zip(optimizer.param_groups, up.lrs, strict=True):
                 group["lr"] = lr
             for name, p in zip(owned, params, strict=True):

@@ -8,6 +8,7 @@ from typing import Any
 from kiln.checkpoint import CheckpointInfo
 from kiln.config import Config
 from kiln.errors import CheckpointError
+from kiln.streaming.chunks import assemble
 from kiln.streaming.location import refuse_a_missing_store, store_root
 from kiln.streaming.store import MANIFEST, ChunkStore, PartRecord, decode_state_json
 from kiln.streaming.versions import WEIGHTS
@@ -48,5 +49,6 @@ def committed_checkpoint(
             if attempt + 1 == _READ_ATTEMPTS or newer is None or newer == manifest:
                 raise
     state = decode_state_json(manifest["state"])
+    weights = assemble(weights, manifest.get("pieces", {}))  # a store from before pieces has none
     state["model"] = {key: weights[name] for key, name in manifest["state_keys"]}
     return CheckpointInfo(root / MANIFEST, manifest["step"], manifest["meta"]), state

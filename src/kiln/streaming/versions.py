@@ -63,7 +63,7 @@ class ChunkVersions:
         self.store.sweep({"chunks": []})
         self._current = []
         for j, chunk in enumerate(self.plan.chunks):
-            weights = {n: self.plan.params[n].detach() for n in self.plan.owned[j]}
+            weights = {n: self.plan.data(n) for n in self.plan.owned[j]}
             record = self.store.write(j, chunk.name, WEIGHTS, 0, weights)
             self._current.append({WEIGHTS: record, STATE: None})
         self._committed = _copy(self._current)
@@ -125,6 +125,7 @@ class ChunkVersions:
                         for c, parts in zip(self.plan.chunks, current, strict=True)
                     ],
                     "state_keys": self.plan.state_keys,
+                    "pieces": self.plan.pieces,
                     "state": snapshot,
                 }
             )
