@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kiln.errors import CheckpointError
-from kiln.fsio import atomic_write, fsync_path, sha256_file
+from kiln.fsio import atomic_write, fsync_path, json_text, sha256_file
 from kiln.state_codec import decode_state, encode_state
 
 FORMAT_VERSION = 1
@@ -65,7 +65,7 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     ckpt_root = Path(ckpt_root)
     tensors, skeleton = encode_state(state)
-    skeleton_text = json.dumps(
+    skeleton_text = json_text(
         {"format_version": FORMAT_VERSION, "meta": meta, "skeleton": skeleton}
     )
     final = ckpt_root / f"step_{step:08d}"
@@ -88,7 +88,7 @@ def save_checkpoint(
             "files": {name: _describe(tmp / name) for name in names},
             "meta": meta,
         }
-        atomic_write(tmp / MANIFEST_FILE, json.dumps(manifest, indent=2))
+        atomic_write(tmp / MANIFEST_FILE, json_text(manifest, indent=2))
         _publish(tmp, final)
     except (OSError, SafetensorError) as exc:
         # SafetensorError: how save_file reports the I/O errors of its write (a full disk).

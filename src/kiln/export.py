@@ -11,7 +11,6 @@ its final name, so it appears complete and sealed or not at all. ``SHA256SUMS`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from kiln.errors import ExportError
-from kiln.fsio import fsync_path, sha256_file
+from kiln.fsio import fsync_path, json_text, sha256_file
 
 MODEL_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -61,7 +60,7 @@ def export_bundle(
         name: data.encode("utf-8") if isinstance(data, str) else data
         for name, data in files.items()
     }
-    contents[METADATA_FILE] = (json.dumps(metadata, sort_keys=True, indent=2) + "\n").encode()
+    contents[METADATA_FILE] = (json_text(metadata, sort_keys=True, indent=2) + "\n").encode()
     tmp = to_dir.parent / f".{to_dir.name}.tmp-{os.getpid()}"
     try:
         to_dir.parent.mkdir(parents=True, exist_ok=True)

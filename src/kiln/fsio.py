@@ -1,19 +1,22 @@
-"""Crash-safe file writes and checksums.
+"""Crash-safe file writes, checksums and the JSON text of the files Kiln writes.
 
 Every file whose loss or corruption would cost a run goes through ``atomic_write``: the bytes
 land in a temporary file in the same folder, are fsynced, renamed over the target and the folder
 is fsynced, so a kill at any instant leaves either the old file or the new one, never a mix.
+Every JSON document Kiln writes is made by ``json_text``, which writes strict JSON.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _HASH_BLOCK = 1 << 20
 
@@ -58,3 +61,25 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(_HASH_BLOCK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_text(obj: Any, **options: Any) -> str:
+    """``json.dumps(obj, **options)`` as strict JSON: a NaN or infinite float becomes null.
+
+    Python's json writes non-finite floats as the bare tokens ``NaN`` and ``Infinity``, which
+    strict readers (jq, JavaScript, most log tools) reject: one diverged loss would make a run's
+    metrics unreadable to them. ``allow_nan=False`` turns a value this cannot replace (a float
+    dict key) into a ValueError here instead of a file those readers reject.
+    """
+    return json.dumps(_finite_or_none(obj), allow_nan=False, **options)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """``obj`` with each non-finite float, in any list, tuple or dict value, replaced by None."""
+    if isinstance(obj, float):  # np.float64 too: it is a float
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_none(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(item) for item in obj]
+    return obj

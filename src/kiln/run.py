@@ -11,6 +11,9 @@
       metrics.json           summary: final and best values, steps, tokens, wall time
       eval/<step>.json       every evaluation's results, with details that rows cannot hold
       checkpoints/           see kiln.checkpoint
+
+The JSON files are strict JSON (``fsio.json_text``): a NaN or infinite value, such as the loss
+of a diverged run, is written as null.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import yaml
 
 from kiln.config import Config, path_settings, validate_config
 from kiln.errors import RunError
-from kiln.fsio import atomic_write, sha256_file
+from kiln.fsio import atomic_write, json_text, sha256_file
 from kiln.repro import software_versions
 
 Status = Literal["running", "completed", "failed", "interrupted"]
@@ -79,8 +82,8 @@ class Run:
                 continue
         (path / "checkpoints").mkdir()
         atomic_write(path / SNAPSHOT, config.to_yaml())
-        atomic_write(path / INPUTS, json.dumps(input_hashes(config), indent=2, sort_keys=True))
-        atomic_write(path / SOFTWARE, json.dumps(software_versions(), indent=2, sort_keys=True))
+        atomic_write(path / INPUTS, json_text(input_hashes(config), indent=2, sort_keys=True))
+        atomic_write(path / SOFTWARE, json_text(software_versions(), indent=2, sort_keys=True))
         for sink in ("train.log", "metrics.jsonl"):  # there from the start, to follow them
             (path / sink).touch()
         run = cls(path, config, echo=echo)
@@ -191,10 +194,10 @@ class Run:
             print(message, file=sys.stderr, flush=True)
 
     def write_metrics(self, row: dict[str, Any]) -> None:
-        """Append one JSON object to metrics.jsonl."""
+        """Append one JSON object to metrics.jsonl (a non-finite value as null)."""
         if self._metrics is None:
             self._metrics = open(self.path / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._metrics.write(json.dumps(row, sort_keys=True) + "\n")
+        self._metrics.write(json_text(row, sort_keys=True) + "\n")
         self._metrics.flush()
 
     def truncate_metrics_after(self, step: int) -> None:
@@ -207,11 +210,11 @@ class Run:
             self._metrics = None  # reopened on the next row, on the rewritten file
         kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
         atomic_write(
-            self.path / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            self.path / "metrics.jsonl", "".join(json_text(r, sort_keys=True) + "\n" for r in kept)
         )
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / "metrics.json", json.dumps(summary, indent=2, sort_keys=True))
+        atomic_write(self.path / "metrics.json", json_text(summary, indent=2, sort_keys=True))
 
     def close(self) -> None:
         for sink in (self._log, self._metrics):
@@ -247,7 +250,7 @@ def write_eval(run_dir: Path, step: int, results: dict[str, Any]) -> Path:
     except (OSError, json.JSONDecodeError):
         merged = {}
     merged |= {"step": step, **results}
-    atomic_write(path, json.dumps(merged, indent=2, sort_keys=True))
+    atomic_write(path, json_text(merged, indent=2, sort_keys=True))
     return path
 
 

@@ -8,6 +8,7 @@ call directly. ``train``, ``resume`` and ``export_run`` dispatch on ``config.job
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -229,6 +230,9 @@ def _train_hashtron(run: Run, *, resume: bool, task: Task | None) -> TrainOutcom
 
 def _write_summary(run: Run, progress: dict[str, Any]) -> None:
     rows = [r for r in read_metrics(run.path) if "loss" in r]
+    # A non-finite loss reads back as null (or as NaN from a file written before strict JSON):
+    # it is no candidate for the best loss, and None cannot be compared.
+    finite = [r["loss"] for r in rows if r["loss"] is not None and math.isfinite(r["loss"])]
     val = progress.get("last_val", {})
     run.write_summary(
         {
@@ -238,7 +242,7 @@ def _write_summary(run: Run, progress: dict[str, Any]) -> None:
             "tokens_seen": progress["tokens_seen"],
             "wall_time_sec": progress["wall_time"],
             "final_loss": rows[-1]["loss"] if rows else None,
-            "best_loss": min((r["loss"] for r in rows), default=None),
+            "best_loss": min(finite, default=None),
             "final_val_loss": val.get("val_loss"),
             "final_val_ppl": val.get("val_ppl"),
             "best_val_loss": progress.get("best_val_loss"),

@@ -15,6 +15,7 @@ from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config
 from kiln.engine.trainer import Trainer
 from kiln.errors import CheckpointError
+from kiln.jobs.lm import LMJob
 from kiln.run import read_metrics
 from kiln.streaming.export import committed_checkpoint
 from kiln.streaming.location import STORE_RECORD, store_root
@@ -117,3 +118,18 @@ def test_a_stop_right_after_a_checkpoint_does_not_write_it_again(
     outcome = workflows.train(config, echo=False)
     assert (outcome.status, outcome.step) == ("interrupted", 2)
     assert saves == [1, 2]
+
+
+def test_a_diverged_evaluation_is_never_the_best(
+    smoke_config: ConfigFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    losses = iter([float("nan"), 5.0, 4.0, 6.0])
+
+    def scripted(self: LMJob, model: object, *, final: bool = False) -> dict:
+        return {"val_loss": next(losses)}
+
+    monkeypatch.setattr(LMJob, "evaluate", scripted)
+    config = smoke_config("training.max_steps=4", "eval.every_steps=1", "checkpoint.every_steps=4")
+    run = workflows.train(config, echo=False).run_dir
+    _, state = _final_state(config, run)
+    assert (state["progress"]["best_val_loss"], state["progress"]["best_step"]) == (4.0, 3)

@@ -18,6 +18,7 @@ from kiln.errors import ConfigError, DataError
 from kiln.jobs.lm import step_split, weighted_token_loss
 from kiln.jobs.lm_sampling import NonFiniteWeights
 from kiln.models.gpt import GPT, GPTShape
+from kiln.run import list_runs
 
 
 def tiny_gpt() -> GPT:
@@ -159,3 +160,33 @@ def test_a_diverged_run_ends_with_its_summary_and_refuses_to_sample(
     assert json.loads((outcome.run_dir / "metrics.json").read_text())["step"] == 3
     with pytest.raises(NonFiniteWeights, match="training diverged"):
         workflows.generate(outcome.run_dir, "def ", max_new_tokens=2)
+
+
+def _refuse_non_standard(token: str) -> None:
+    raise ValueError(f"non-standard JSON token {token}")
+
+
+def test_a_diverged_run_writes_strict_json_with_null_for_each_nan(
+    smoke_config: Callable[..., Config], tmp_path: Path
+) -> None:
+    config = smoke_config("training.max_steps=3", "optimizer.lr=1e6", "training.grad_clip=0",
+                          "logging.every_steps=1")
+    run = workflows.train(config, echo=False).run_dir
+    bundle = workflows.export_run(run, tmp_path / "bundle")
+    written = [*run.rglob("*.json"), *run.rglob("*.jsonl"), bundle / "metadata.json"]
+    assert {p.name for p in written} >= {"metrics.json", "metrics.jsonl", "00000003.json",
+                                         "manifest.json", "state.json", "metadata.json"}
+    for path in written:  # jq, JavaScript and log tools refuse NaN and Infinity
+        text = path.read_text()
+        for document in text.splitlines() if path.suffix == ".jsonl" else [text]:
+            json.loads(document, parse_constant=_refuse_non_standard)
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in rows if "loss" in row]
+    assert losses[0] is not None and None in losses  # finite at step 1, then diverged
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["best_loss"] == losses[0] and summary["final_loss"] is None
+    # An evaluation whose loss was NaN scores no checkpoint: "best" exports the latest.
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert metadata["selected_by"] == "latest" and metadata["val_loss"] is None
+    assert list_runs(run.parent)[0]["loss"] is None  # `kiln runs` shows "-"

@@ -34,7 +34,7 @@ from kiln.data.corpus import (
 )
 from kiln.data.tokenizer import KilnTokenizer, train_tokenizer
 from kiln.errors import DataError
-from kiln.fsio import atomic_write, fsync_path, sha256_file
+from kiln.fsio import atomic_write, fsync_path, json_text, sha256_file
 
 # 2: the tokenizer reserves the chain-of-thought delimiters as special tokens.
 FORMAT_VERSION = 2
@@ -350,7 +350,7 @@ def _build(
         "splits": {split: writer.close() for split, writer in writers.items()},
     }
     fsync_path(folder)
-    atomic_write(folder / INDEX, json.dumps(index, indent=2, sort_keys=True))
+    atomic_write(folder / INDEX, json_text(index, indent=2, sort_keys=True))
     return index
 
 

@@ -20,7 +20,7 @@ from kiln.data.loader import Batch
 from kiln.engine.job import StepBatches, batch_size
 from kiln.engine.placement import Local
 from kiln.errors import ConfigError, DataError
-from kiln.fsio import atomic_write
+from kiln.fsio import atomic_write, json_text
 from kiln.run import Run
 
 SAMPLES_DIR = "samples"
@@ -50,7 +50,7 @@ class SampleLog:
     def record(self, windows: list[Any]) -> None:
         """Append the next step's windows."""
         self.step += 1
-        self._file.write(json.dumps({"step": self.step, "windows": windows}) + "\n")
+        self._file.write(json_text({"step": self.step, "windows": windows}) + "\n")
         self._file.flush()
 
     def close(self) -> None:

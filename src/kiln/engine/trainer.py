@@ -316,8 +316,9 @@ class Trainer:
             k: v for k, v in results.items() if isinstance(v, float | int) and k != "step"
         }
         self.progress.last_val = {"step": step, **metrics}
-        best = self.progress.best_val_loss
-        if best is None or metrics["val_loss"] < best:
+        best, loss = self.progress.best_val_loss, metrics["val_loss"]
+        # A diverged evaluation (NaN) is never the best: every comparison with it is False.
+        if math.isfinite(loss) and (best is None or not math.isfinite(best) or loss < best):
             self.progress.best_val_loss = metrics["val_loss"]
             self.progress.best_step = step
         self.run.write_metrics({"step": step, "event": "eval", **metrics})

@@ -57,7 +57,8 @@ STATUSES = (
     "syntax_error",  # the program does not compile; it was never started
     "timeout",  # wall-clock limit reached; the process group was killed
     "cpu_limit",  # RLIMIT_CPU reached
-    "memory_limit",  # MemoryError under RLIMIT_AS
+    "memory_limit",  # ended by a MemoryError: RLIMIT_AS refused an allocation (or the program
+    # raised MemoryError itself, which the sandbox cannot tell apart without inspecting bytecode)
     "output_limit",  # printed more than the output cap; the process group was killed
     "killed",  # ended by another signal (segfault, file size limit, ...)
 )

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_safetensors
 
 from kiln.errors import CheckpointError, KilnError
-from kiln.fsio import atomic_write
+from kiln.fsio import atomic_write, json_text
 from kiln.hashtron.combiners import combiner_from_dict, combiner_to_dict
 from kiln.hashtron.filter import QuaternaryFilter
 from kiln.hashtron.layers import Layer
@@ -130,7 +130,7 @@ def save_network(network: Network, path: str | Path) -> None:
     state = network_state(network)
     header = {"format": FORMAT, "version": VERSION, "layers": state["layers"],
               "n_features": state["n_features"]}
-    metadata = {META_KEY: json.dumps(header, sort_keys=True)}
+    metadata = {META_KEY: json_text(header, sort_keys=True)}
     blob = save_safetensors({name: state[name] for name in ARRAYS}, metadata=metadata)
     try:
         atomic_write(Path(path), blob)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from kiln.errors import CheckpointError
-from kiln.fsio import atomic_write, fsync_path
+from kiln.fsio import atomic_write, fsync_path, json_text
 from kiln.state_codec import decode_state, encode_state
 from kiln.streaming import checksum
 from kiln.streaming.memory import mapped_empty
@@ -396,8 +396,9 @@ class ChunkStore:
         """
         try:
             fsync_path(self.root)  # the renames of this step's part files reach disk first
-            atomic_write(self.root / MANIFEST, json.dumps({"format_version": FORMAT_VERSION,
-                                                           **manifest}))
+            atomic_write(
+                self.root / MANIFEST, json_text({"format_version": FORMAT_VERSION, **manifest})
+            )
         except OSError as exc:
             raise _write_error(f"the stream manifest {self.root / MANIFEST}", exc) from exc
         self._forget_spares()  # the step's writes are done: what they did not take goes
