@@ -185,6 +185,8 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from kiln.config import load_config
     from kiln.data.dialogue import load_dialogue_pairs, split_pairs
     from kiln.run import read_metrics
+    from kiln.streaming.location import store_root
+    from kiln.streaming.store import MANIFEST
 
     d, h, w = GRIDS[spec["grid"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,8 +206,13 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         outcome = workflows.train(config, echo=False)
         rows = [r for r in read_metrics(outcome.run_dir) if "loss" in r]
         per_step = statistics.median(spec["batch"] / r["tokens_per_sec"] for r in rows[1:])
-        state, _ = load_checkpoint(list_checkpoints(outcome.run_dir / "checkpoints")[-1].path)
-        optimizer_bytes = tensor_bytes(state["optimizer"]["state"])
+        if config.strategy.name == "streaming":  # the optimizer state is in the chunk store
+            manifest = json.loads((store_root(config, outcome.run_dir) / MANIFEST).read_text())
+            optimizer_bytes = sum(c["parts"]["s"]["nbytes"] for c in manifest["chunks"]
+                                  if c["parts"]["s"] is not None)
+        else:
+            state, _ = load_checkpoint(list_checkpoints(outcome.run_dir / "checkpoints")[-1].path)
+            optimizer_bytes = tensor_bytes(state["optimizer"]["state"])
         train, _ = split_pairs(
             load_dialogue_pairs(config.lattice.dialogue_path), config.lattice.val_fraction,
             config.seed,
@@ -220,6 +227,9 @@ def train_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak,
         "optimizer_state_bytes": optimizer_bytes,
         "epoch_s": per_step * (len(train) // spec["batch"]),
+        "stream_bytes_per_step": statistics.median(
+            r.get("stream_bytes_read", 0) + r.get("stream_bytes_written", 0) for r in rows[1:]
+        ),
     }
 
 
@@ -411,6 +421,11 @@ def train_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
         ("bf16", ["precision.dtype=bf16"]),
         ("fp32, activation checkpointing", ["lattice.activation_checkpointing=true"]),
         ("fp32, channels-first pool", ["lattice.channels_last_3d=false"]),
+        # Out of core, one depth slice of one propagation step per chunk, under a budget below
+        # the weights and AdamW state (the store on the machine's disk, direct I/O).
+        ("fp32, streamed, 512 MiB budget", ["strategy.name=streaming",
+                                            "strategy.memory_budget=512MiB",
+                                            "hardware.keep_freed_memory=false"]),
     ]
     if has_bitsandbytes():
         variants += [
@@ -438,6 +453,9 @@ def train_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
                   f"{args.train_batch * r['steps_per_s']:.2f} | {mib(r['peak_bytes'])} | "
                   f"{mib(r['optimizer_state_bytes'])} |"
                   + (f" {r['epoch_s']:.1f} |" if gpu else ""), flush=True)
+            if r["stream_bytes_per_step"]:
+                print(f"|  | (moved {mib(r['stream_bytes_per_step'])} MiB to and from the disk "
+                      "per step) |  |  |  |  |  |" + ("  |" if gpu else ""), flush=True)
     return results
 
 

@@ -3,7 +3,9 @@ with the pool, truncated backprop over many steps without memory growth."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,11 +18,13 @@ from kiln import workflows
 from kiln.checkpoint import list_checkpoints, load_checkpoint
 from kiln.config import Config, apply_overrides, validate_config
 from kiln.data.text_encoders import HashedNgramEncoder
-from kiln.errors import ConfigError, DataError
+from kiln.errors import CheckpointError, ConfigError, DataError
 from kiln.jobs.lattice import COMPONENTS, LatticeJob, lattice_shape
 from kiln.models.lattice_adapter import AdaptedLattice, seed_state
 from kiln.repro import seed_everything
 from kiln.run import read_metrics
+from kiln.streaming import store as store_module
+from kiln.streaming.export import committed_checkpoint
 
 TINY = {
     "job": "lattice",
@@ -364,3 +368,73 @@ def test_cache_misses_and_hits_give_the_same_run(
     a, _ = load_checkpoint(list_checkpoints(miss / "checkpoints")[-1].path)
     b, _ = load_checkpoint(list_checkpoints(hit / "checkpoints")[-1].path)
     assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+
+
+STREAMED = ("strategy.name=streaming", "strategy.memory_budget=400000")  # below the state
+
+
+def _last_state(config: Config, run: Path) -> dict:
+    """The model and pool of the run's last checkpoint (a streamed run's last commit)."""
+    streamed = committed_checkpoint(config, run)
+    if streamed is not None:
+        return streamed[1]
+    return load_checkpoint(list_checkpoints(run / "checkpoints")[-1].path)[0]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        ("lattice.fire_rate=0.5", "lattice.alive_threshold=0.05",
+         "training.micro_batch_size=2", "training.grad_accum_steps=2"),
+        ("lattice.sharing=all", "lattice.inject=every_step"),
+        ("lattice.sharing=per_depth", "strategy.memory_budget=100000000"),
+    ],
+    ids=["per-cell", "stochastic-alive-accum", "shared-every-step", "per-depth-resident"],
+)
+def test_a_streamed_lattice_trains_like_in_memory(
+    tmp_path: Path, overrides: tuple[str, ...]
+) -> None:
+    """Out of core, one depth slice of one propagation step at a time: the same losses, weights
+    and pool as in memory, up to the order of float sums (the slices' gradients are summed
+    chunk by chunk)."""
+    common = ("training.max_steps=6", "checkpoint.every_steps=6", "eval.every_steps=6",
+              "logging.every_steps=1")
+    memory_cfg = tiny_config(tmp_path, *common, *overrides)
+    streamed_cfg = tiny_config(tmp_path, *common, *STREAMED, *overrides)
+    memory = workflows.train(memory_cfg, echo=False).run_dir
+    streamed = workflows.train(streamed_cfg, echo=False).run_dir
+    log = (streamed / "train.log").read_text()
+    assert "streaming: 8 chunks" in log  # input, 2 steps x 3 slices, output
+    assert ("resident" in log) == ("strategy.memory_budget=100000000" in overrides)
+    a, b = _last_state(memory_cfg, memory), _last_state(streamed_cfg, streamed)
+    for key, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][key], tensor, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(b["loader"]["states"], a["loader"]["states"], rtol=1e-5, atol=1e-5)
+    rows = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (memory, streamed)]
+    assert rows[1] == pytest.approx(rows[0], rel=1e-5)
+
+
+def test_a_streamed_lattice_resumes_byte_exact_including_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tmp_path, *STREAMED, "training.max_steps=6", "lattice.fire_rate=0.5")
+    straight = workflows.train(cfg, echo=False).run_dir
+    real_write = store_module.write_part
+
+    def disk_full_at_step_4(path: Path, tensors: dict, **options: object) -> object:
+        if ".v00000004." in path.name:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(path, tensors, **options)
+
+    monkeypatch.setattr(store_module, "write_part", disk_full_at_step_4)
+    with pytest.raises(CheckpointError, match="Free disk space"):
+        workflows.train(cfg, echo=False)
+    monkeypatch.setattr(store_module, "write_part", real_write)
+    (broken,) = [p for p in Path(cfg.run.root).iterdir() if p != straight]
+    assert workflows.resume(broken, echo=False).status == "completed"
+    a, b = _last_state(cfg, straight), _last_state(cfg, broken)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert torch.equal(a["loader"]["states"], b["loader"]["states"])
+    assert torch.equal(a["loader"]["generator"], b["loader"]["generator"])

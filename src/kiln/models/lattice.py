@@ -12,10 +12,10 @@ state that neighbours read, channels [C:] the cell's private memory. Inside a st
 rows and a view gives the (G, R, ...) layout the stacked cell wants (see ``lattice_cell``).
 
 Randomness (fire-rate masks) comes only from the ``generators`` argument, one
-``torch.Generator`` per sample: when fire_rate < 1, each step draws one ``torch.rand((D, H, W))``
-from each sample's generator, in batch order, and nothing otherwise. A sample's masks thus depend
-on its own generator only, not on the other samples of its batch: a batch cut into micro-batches
-(gradient accumulation, an out-of-memory retry) gets the same masks.
+``torch.Generator`` per sample: when fire_rate < 1, each sample's generator draws one
+``torch.rand((D, H, W))`` per step, step 0 first, and nothing otherwise. A sample's masks thus
+depend on its own generator only, not on the other samples of its batch: a batch cut into
+micro-batches (gradient accumulation, an out-of-memory retry) gets the same masks.
 
 Shapes in comments: B batch, D depth, H height, W width, C state channels, M memory channels,
 K = C + M, G weight groups, R rows per group.
@@ -127,6 +127,13 @@ class LatticeShape:
             return (z * self.height + y) * self.width + x
         return z if self.sharing == "per_depth" else 0
 
+    def groups_at(self, depths: range) -> range:
+        """The rows of the stacked cell weights that the cells at ``depths`` use."""
+        face = self.height * self.width
+        if self.sharing == "none":
+            return range(depths.start * face, depths.stop * face)
+        return depths if self.sharing == "per_depth" else range(1)
+
     def params_per_cell(self) -> int:
         """Parameters of one weight group (one cell's gMLP when sharing is none)."""
         return cell_parameter_count(self.channels, self.memory, self.hidden)
@@ -148,24 +155,44 @@ class LatticeOutput(NamedTuple):
     state: torch.Tensor  # (B, D, H, W, C + M): the final state; detach it before reusing it
 
 
-def _pad(x: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
-    """Add one slice on each side of ``dim``: the world beyond the faces."""
-    first, last = x.narrow(dim, 0, 1), x.narrow(dim, x.size(dim) - 1, 1)
-    if mode == "zero":
-        before = after = torch.zeros_like(first)
-    elif mode == "replicate":
-        before, after = first, last
-    else:  # periodic
-        before, after = last, first
-    return torch.cat((before, x, after), dim=dim)
+def _narrow(x: torch.Tensor, dim: int, start: int, stop: int) -> torch.Tensor:
+    """Slices ``start:stop`` of ``dim``; ``x`` itself when that is all of it (autograd's backward
+    of even a full-width slice is a zero fill and a copy of the whole tensor)."""
+    return x if stop - start == x.size(dim) else x.narrow(dim, start, stop - start)
 
 
-def neighbours(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
-    """(D, H, W, ...) -> [x, z-1, z+1, y-1, y+1, x-1, x+1], each (D, H, W, ...) (token order)."""
-    p = _pad(_pad(_pad(x, 0, mode), 1, mode), 2, mode)  # (D+2, H+2, W+2, ...)
+def _pad(x: torch.Tensor, dim: int, mode: str, span: range | None = None) -> torch.Tensor:
+    """Slices ``span.start - 1`` to ``span.stop`` of ``dim`` (default span: all of it), where
+    those past the faces are the world beyond them: (len(span) + 2) slices along ``dim``."""
+    n = x.size(dim)
+    lo, hi = (0, n) if span is None else (span.start, span.stop)
+    parts = [_narrow(x, dim, max(lo - 1, 0), min(hi + 1, n))]
+    # An interior span needs nothing beyond the faces: its window stays a view, no copy.
+    if lo == 0 or hi == n:
+        first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+        if mode == "zero":
+            before = after = torch.zeros_like(first)
+        elif mode == "replicate":
+            before, after = first, last
+        else:  # periodic
+            before, after = last, first
+        parts = [before, *parts] if lo == 0 else parts
+        parts = [*parts, after] if hi == n else parts
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else parts[0]
+
+
+def neighbours(x: torch.Tensor, mode: str, depths: range | None = None) -> list[torch.Tensor]:
+    """(D, H, W, ...) -> [x, z-1, z+1, y-1, y+1, x-1, x+1] (token order) of the cells at
+    ``depths`` (default: all), each (len(depths), H, W, ...).
+
+    Only the slices next to ``depths`` are read, so one depth slice's tokens cost one slice's
+    copies, not the whole lattice's.
+    """
+    depths = range(x.size(0)) if depths is None else depths
+    p = _pad(_pad(_pad(x, 0, mode, depths), 1, mode), 2, mode)  # (len+2, H+2, W+2, ...)
     inner = slice(1, -1)
     return [
-        x,
+        _narrow(x, 0, depths.start, depths.stop),
         p[:-2, inner, inner], p[2:, inner, inner],
         p[inner, :-2, inner], p[inner, 2:, inner],
         p[inner, inner, :-2], p[inner, inner, 2:],
@@ -245,6 +272,28 @@ class Lattice(nn.Module):
             return torch.einsum("ibc,ic->bi", vis, self.read_w.to(vis.dtype)) + self.read_b
         return self.read(vis.transpose(0, 1).reshape(vis.shape[1], -1))
 
+    def _begin(
+        self, x: torch.Tensor, state: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Input and optional state -> internal state (D, H, W, B, K) and the front (H, W, B, K)
+        still to be added before every step (None with inject "once": it is added now)."""
+        if state is None:
+            state = self.initial_state(x.shape[0], device=x.device)
+        s = state.permute(1, 2, 3, 0, 4)  # (D, H, W, B, K)
+        front = self._front(x).to(s.dtype)  # (H, W, B, K)
+        if self.shape.inject == "once":
+            return self._inject(s, front), None
+        return s, front
+
+    @staticmethod
+    def _inject(s: torch.Tensor, front: torch.Tensor) -> torch.Tensor:
+        """Add the front (H, W, B, K) to slice 0 of the state (D, H, W, B, K)."""
+        return torch.cat((s[:1] + front, s[1:]), dim=0)
+
+    def _end(self, s: torch.Tensor) -> LatticeOutput:
+        """Final internal state (D, H, W, B, K) -> output read off the back face, public state."""
+        return LatticeOutput(self._read(s[-1]), s.permute(3, 0, 1, 2, 4))
+
     # ---- dynamics ------------------------------------------------------------------------------
 
     def _alive(self, s: torch.Tensor) -> torch.Tensor:
@@ -253,28 +302,50 @@ class Lattice(nn.Module):
         near = torch.stack(neighbours(alpha, self.shape.boundary)).amax(dim=0)
         return (near > self.shape.alive_threshold).unsqueeze(-1)
 
-    def _step(self, s: torch.Tensor, fire: torch.Tensor | None) -> torch.Tensor:
-        """One synchronous update of every cell: (D, H, W, B, K) -> (D, H, W, B, K)."""
+    def _delta(self, s: torch.Tensor, depths: range) -> torch.Tensor:
+        """The update of the cells at ``depths``: state (D, H, W, B, K) -> (n, H, W, B, K), n the
+        number of depths.
+
+        The cell's weights must hold exactly those cells' groups (``shape.groups_at(depths)``):
+        all of them for the whole lattice, one slice's rows when a stream chunk runs.
+        """
         shape = self.shape
-        d, h, w, b, k = s.shape
-        c, g = shape.channels, shape.groups
-        rows = d * h * w * b // g
-        tokens = torch.stack(neighbours(s[..., :c], shape.boundary), dim=self._token_dim)
+        _, h, w, b, k = s.shape
+        n, c, g = len(depths), shape.channels, len(shape.groups_at(depths))
+        rows = n * h * w * b // g
+        tokens = torch.stack(neighbours(s[..., :c], shape.boundary, depths), dim=self._token_dim)
         tokens = tokens.view(g, TOKENS, rows, c)  # (G, T, R, C)
-        memory = s[..., c:].reshape(g, rows, shape.memory) if shape.memory else None
-        delta = self.cell(tokens, memory).view(d, h, w, b, k)  # (D, H, W, B, K)
+        own = _narrow(s, 0, depths.start, depths.stop)
+        memory = own[..., c:].reshape(g, rows, shape.memory) if shape.memory else None
+        return self.cell(tokens, memory).view(n, h, w, b, k)
+
+    def _finish(
+        self, s: torch.Tensor, delta: torch.Tensor, fire: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Apply a step's update (D, H, W, B, K) to the state, where ``fire`` (D, H, W, B, 1)
+        lets it through; then alive masking."""
         if fire is not None:
-            delta = delta * fire
+            delta = delta * fire.to(s.dtype)
         new = s + delta
-        if shape.alive_threshold is not None:
+        if self.shape.alive_threshold is not None:
             # As in NCA: a cell must be alive before and after the update; dead cells are zeroed.
             new = new * (self._alive(s) & self._alive(new)).to(new.dtype)
         return new
 
-    def _fire_mask(
-        self, s: torch.Tensor, generators: Sequence[torch.Generator] | None
+    def _step(self, s: torch.Tensor, fire: torch.Tensor | None) -> torch.Tensor:
+        """One synchronous update of every cell: (D, H, W, B, K) -> (D, H, W, B, K)."""
+        return self._finish(s, self._delta(s, range(s.shape[0])), fire)
+
+    def _fire_masks(
+        self, s: torch.Tensor, generators: Sequence[torch.Generator] | None, steps: int
     ) -> torch.Tensor | None:
-        """One Bernoulli(fire_rate) draw per cell and sample, (D, H, W, B, 1); None at rate 1."""
+        """Bernoulli(fire_rate) per step, cell and sample: bool (steps, D, H, W, B, 1); None at
+        rate 1.
+
+        Each sample's generator draws step 0's ``torch.rand((D, H, W))``, then step 1's, ...:
+        the generators are independent, so drawing all steps of one sample before the next gives
+        the numbers that drawing step by step would.
+        """
         if self.shape.fire_rate >= 1.0:
             return None
         d, h, w, b, _ = s.shape
@@ -282,8 +353,11 @@ class Lattice(nn.Module):
             raise ValueError(
                 f"fire_rate < 1 needs one torch.Generator per sample ({b}): generators=[...]"
             )
-        u = torch.stack([torch.rand((d, h, w), generator=g, device=s.device) for g in generators])
-        return (u < self.shape.fire_rate).to(s.dtype).permute(1, 2, 3, 0).unsqueeze(-1)
+        u = torch.stack([
+            torch.stack([torch.rand((d, h, w), generator=g, device=s.device) for _ in range(steps)])
+            for g in generators
+        ])  # (B, steps, D, H, W)
+        return (u < self.shape.fire_rate).permute(1, 2, 3, 4, 0).unsqueeze(-1)
 
     def _run(
         self,
@@ -293,15 +367,16 @@ class Lattice(nn.Module):
         front: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Advance the internal-layout state; ``front`` (H, W, B, K) is added before every step."""
-        for _ in range(steps):
+        # The masks are drawn outside the checkpointed function so recomputation reuses them.
+        fire = self._fire_masks(s, generators, steps)
+        for t in range(steps):
             if front is not None:
-                s = torch.cat((s[:1] + front, s[1:]), dim=0)
-            # The mask is drawn outside the checkpointed function so recomputation reuses it.
-            fire = self._fire_mask(s, generators)
+                s = self._inject(s, front)
+            mask = None if fire is None else fire[t]
             if self.shape.checkpoint and torch.is_grad_enabled():
-                s = checkpoint(self._step, s, fire, use_reentrant=False)
+                s = checkpoint(self._step, s, mask, use_reentrant=False)
             else:
-                s = self._step(s, fire)
+                s = self._step(s, mask)
         return s
 
     def advance(
@@ -328,13 +403,5 @@ class Lattice(nn.Module):
         Without a state the lattice starts empty. A state carried over from an earlier call must be
         detached by the caller (truncated backprop), or the next backward walks the old graph again.
         """
-        if state is None:
-            state = self.initial_state(x.shape[0], device=x.device)
-        s = state.permute(1, 2, 3, 0, 4)  # (D, H, W, B, K)
-        front = self._front(x).to(s.dtype)  # (H, W, B, K)
-        if self.shape.inject == "once":
-            s = torch.cat((s[:1] + front, s[1:]), dim=0)
-            s = self._run(s, self.shape.num_steps, generators)
-        else:
-            s = self._run(s, self.shape.num_steps, generators, front)
-        return LatticeOutput(self._read(s[-1]), s.permute(3, 0, 1, 2, 4))
+        s, front = self._begin(x, state)
+        return self._end(self._run(s, self.shape.num_steps, generators, front))

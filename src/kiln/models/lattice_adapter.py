@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from kiln.models.lattice import Lattice, LatticeOutput, LatticeShape
+from kiln.models.lattice_stream import lattice_chunks
+from kiln.streaming.chunks import StreamChunk
 
 
 def seed_state(shape: LatticeShape, scale: float) -> torch.Tensor:
@@ -64,3 +66,10 @@ class AdaptedLattice(nn.Module):
     ) -> LatticeOutput:
         """Question embedding (B, E) [, state (B, D, H, W, K)] -> output (B, H*W), final state."""
         return self.lattice(self.surface(embedding), state, generators=generators)
+
+    def stream_chunks(self) -> list[StreamChunk]:
+        """Input (adapter and front face), one chunk per depth slice and step, output.
+
+        Chained, they are ``forward``; see ``kiln.models.lattice_stream``.
+        """
+        return lattice_chunks(self.lattice, self.adapter)

@@ -16,12 +16,13 @@ and counting what autograd saves; the last chunk's loss gets three more copies o
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call
 from torch.utils._pytree import tree_leaves, tree_map
 
 from kiln.errors import ConfigError
@@ -99,15 +100,33 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _local_names(plan: ChunkPlan, index: int) -> list[tuple[str, str]]:
-    """(name inside chunk ``index``'s module, piece) of each parameter the module holds."""
-    chunk = plan.chunks[index]
-    global_name = {id(p): n for n, p in plan.params.items() if n not in plan.rows}
-    global_name |= {id(plan.params[n]): n for n in plan.used[index] if n in plan.rows}
-    return [
-        (local, global_name[id(p)])
-        for local, p in chunk.module.named_parameters(remove_duplicate=False)
-    ]
+@contextlib.contextmanager
+def _meta_weights(plan: ChunkPlan, index: int) -> Iterator[list[torch.Tensor]]:
+    """Chunk ``index``'s parameters as meta tensors of its pieces' shapes, wherever the chunk
+    or the model holds them (a chunk may reach its weights through another module of the
+    model); yields those tensors. Swapped back afterwards.
+
+    The swap is made here rather than with ``functional_call``, whose restore leaves the
+    stand-in behind when one module is reachable by two names (a GPT block is both a chunk and
+    a child of the model).
+    """
+    meta = {
+        id(plan.params[n]): torch.empty(plan.shapes[n], dtype=plan.dtypes[n], device="meta")
+        for n in plan.used[index]
+    }
+    slots = {}
+    for root in (plan.chunks[index].module, plan.model):
+        for module in root.modules():
+            for attr, p in module._parameters.items():
+                if p is not None and id(p) in meta:
+                    slots[id(module), attr] = (module, attr, p)
+    try:
+        for module, attr, p in slots.values():
+            module._parameters[attr] = meta[id(p)]
+        yield list(meta.values())
+    finally:
+        for module, attr, p in slots.values():
+            module._parameters[attr] = p
 
 
 def _held(plan: ChunkPlan) -> list[list[str]]:
@@ -165,15 +184,15 @@ def measure_needs(
         )
         kept |= inputs
         saved.append(0)
-        meta = {
-            local: torch.empty(plan.shapes[piece], dtype=plan.dtypes[piece], device="meta")
-            for local, piece in _local_names(plan, j)
-        }
-        weights.clear()
-        weights.update(id(t) for t in meta.values())
         args, kwargs = x if j == 0 else ((x,), {})
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            x = tree_map(handed_on, functional_call(chunk.module, meta, args, kwargs))
+        with (
+            _meta_weights(plan, j) as meta,
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            weights.clear()
+            weights.update(id(t) for t in meta)
+            x = tree_map(handed_on, chunk.module(*args, **kwargs))
         outputs.append(sum(_nbytes(t) for t in tree_leaves(x) if torch.is_tensor(t)))
     weight = {n: plan.shapes[n].numel() * plan.dtypes[n].itemsize for n in plan.params}
     held = _held(plan)

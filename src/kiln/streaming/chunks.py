@@ -68,6 +68,7 @@ class ChunkPlan:
     dtypes: dict[str, torch.dtype]
     pieces: dict[str, list[str]]  # a parameter split into row ranges -> its pieces, in row order
     rows: dict[str, tuple[str, range]]  # such a piece -> its parameter and rows
+    model: nn.Module
 
     @property
     def last(self) -> int:
@@ -197,7 +198,7 @@ def build_plan(model: nn.Module) -> ChunkPlan:
     }
     dtypes = {n: p.dtype for n, p in by_piece.items()}
     return ChunkPlan(
-        chunks, by_piece, owned, used, owner, state_keys, shapes, dtypes, pieces, rows_of
+        chunks, by_piece, owned, used, owner, state_keys, shapes, dtypes, pieces, rows_of, model
     )
 
 
