@@ -292,6 +292,8 @@ def main() -> None:
     p.add_argument("--train-grids", default="small,full", help="grids trained by the engine")
     p.add_argument("--train-steps", type=int, default=4, help="optimizer steps per variant")
     p.add_argument("--train-batch", type=int, default=8, help="samples per optimizer step")
+    p.add_argument("--train-variants", default="",
+                   help="only the training variants whose names are in this '/'-separated list")
     p.add_argument("--split", action="store_true",
                    help="also profile the tuned batched step: matrix products against the rest")
     p.add_argument("--optimizers", action="store_true",
@@ -434,6 +436,9 @@ def train_variants(args: argparse.Namespace) -> list[dict[str, Any]]:
         ]
     else:
         print("\n(bitsandbytes is not installed: no 8-bit AdamW rows)")
+    if args.train_variants:
+        chosen = args.train_variants.split("/")
+        variants = [(name, overrides) for name, overrides in variants if name in chosen]
     gpu = args.device == "cuda"
     print(f"\nTraining through the engine: {args.train_steps} steps of {args.train_batch} "
           "samples, median step after the first\n")

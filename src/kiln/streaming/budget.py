@@ -218,6 +218,7 @@ def check_budget(budget: int, needs: list[ChunkNeeds], boundaries: int) -> int:
             f"{worst.total:,} bytes (weights and optimizer state {worst.state:,}, gradients "
             f"{worst.grads:,}, activations {worst.activations:,}) on top of {boundaries:,} bytes "
             f"of chunk-boundary activations; the minimum budget is {minimum:,} bytes. Raise "
-            "strategy.memory_budget, or lower training.micro_batch_size or data.seq_len."
+            "strategy.memory_budget, or lower training.micro_batch_size (or a sample's size, such "
+            "as data.seq_len)."
         )
     return budget - boundaries - max(n.grads + n.activations for n in needs)
