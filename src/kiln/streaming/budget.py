@@ -178,10 +178,9 @@ def measure_needs(
     boundaries = 0
     kept: set[int] = set()  # boundary tensors counted so far: chunks may pass some on as is
     for j, chunk in enumerate(plan.chunks):
-        inputs = {id(t) for t in tree_leaves(x) if torch.is_tensor(t)}
-        boundaries += micro_batches * sum(
-            _nbytes(t) for t in tree_leaves(x) if torch.is_tensor(t) and id(t) not in kept
-        )
+        received = [t for t in tree_leaves(x) if torch.is_tensor(t)]
+        inputs = {id(t) for t in received}
+        boundaries += micro_batches * sum(_nbytes(t) for t in received if id(t) not in kept)
         kept |= inputs
         saved.append(0)
         args, kwargs = x if j == 0 else ((x,), {})

@@ -551,6 +551,7 @@ class StreamedTraining:
         borrowed = held.get(name)
         if borrowed is not None and borrowed[m] is not None:
             g = borrowed[m] if g is None else borrowed[m] + g
+            borrowed[m] = None  # added in: free it now, as the budget assumes
         if g is None:
             return
         if name in acc:
