@@ -125,6 +125,23 @@ def test_a_broken_symlink_is_found_and_counted_as_unreadable(tmp_path: Path) -> 
     assert stats.skipped_by_reason == {"unreadable": 1}
 
 
+def test_a_folder_that_cannot_be_listed_is_counted_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write(tmp_path, {"a.py": "a = 1\n", "locked/b.py": "b = 2\n", "open/c.py": "c = 3\n"})
+    real_scandir = os.scandir
+
+    def scandir(path):  # permissions cannot stop root, so the refusal is simulated
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    stats = CorpusStats()
+    assert _rel(find_files([Source(str(tmp_path))], stats=stats), tmp_path) == ["a.py", "open/c.py"]
+    assert stats.skipped_by_reason == {"unlistable_folder": 1}
+
+
 def test_a_second_copy_of_the_same_bytes_is_skipped_as_a_duplicate(tmp_path: Path) -> None:
     _write(tmp_path, {"a.py": "x = 1\n", "b.py": "y = 2\n", "c/a_copy.py": "x = 1\n"})
     stats = CorpusStats()

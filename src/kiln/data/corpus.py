@@ -46,7 +46,10 @@ class Source:
 
 @dataclass
 class CorpusStats:
-    """What :func:`iter_documents` read and skipped."""
+    """What :func:`find_files` and :func:`iter_documents` skipped, and what was read.
+
+    ``files_skipped`` counts every entry left out, including folders that could not be listed.
+    """
 
     files_read: int = 0
     files_skipped: int = 0
@@ -88,13 +91,17 @@ def glob_match(relative: str, pattern: str) -> bool:
     return _glob_regex(pattern).fullmatch(relative) is not None
 
 
-def _walk(root: Path) -> Iterator[tuple[Path, str]]:
+def _walk(root: Path, stats: CorpusStats) -> Iterator[tuple[Path, str]]:
     """Every file under ``root`` as (path, root-relative posix path); no symlinked dirs.
 
     Broken symlinks are listed too, so that reading them counts them as skipped rather than
-    losing them without a word.
+    losing them without a word; so is a folder that cannot be listed (``unlistable_folder``).
     """
-    for folder, dirs, names in os.walk(root):
+
+    def unlistable(_error: OSError) -> None:
+        stats.skip("unlistable_folder")
+
+    for folder, dirs, names in os.walk(root, onerror=unlistable):
         dirs.sort()
         base = Path(folder)
         for name in sorted(names):
@@ -103,12 +110,16 @@ def _walk(root: Path) -> Iterator[tuple[Path, str]]:
                 yield path, path.relative_to(root).as_posix()
 
 
-def find_files(sources: Sequence[Source], max_files: int | None = None) -> list[Path]:
+def find_files(
+    sources: Sequence[Source], max_files: int | None = None, stats: CorpusStats | None = None
+) -> list[Path]:
     """The files the sources select: sorted by path parts, deduplicated, at most ``max_files``.
 
     A source that selects no file at all is an error, even beside sources that do: its data
-    would be missing from the corpus without a word.
+    would be missing from the corpus without a word. Folders that cannot be listed are counted
+    in ``stats``.
     """
+    stats = stats if stats is not None else CorpusStats()
     found: dict[Path, Path] = {}  # resolved -> as found, so overlapping sources count once
     empty: list[str] = []
     for number, source in enumerate(sources):
@@ -119,7 +130,7 @@ def find_files(sources: Sequence[Source], max_files: int | None = None) -> list[
                 f"fix data.sources[{number}].root or create it"
             )
         matched = 0
-        for path, relative in _walk(root):
+        for path, relative in _walk(root, stats):
             if any(glob_match(relative, p) for p in source.include) and not any(
                 glob_match(relative, p) for p in source.exclude
             ):

@@ -190,8 +190,9 @@ def prepare_token_data(
         "tokenizer_train_bytes": tokenizer_train_bytes,
     }
     roots = [resolve_root(source.root) for source in sources]
-    files = find_files(sources, max_files)
-    docs, stats, key = _scan(files, roots, params)
+    stats = CorpusStats()
+    files = find_files(sources, max_files, stats)
+    docs, key = _scan(files, roots, params, stats)
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped_by_reason.items()))
     log(
         f"corpus: {stats.files_read} files read ({stats.bytes_read:,} bytes), "
@@ -234,10 +235,10 @@ def prepare_token_data(
 
 
 def _scan(
-    files: Sequence[Path], roots: Sequence[Path], params: dict[str, Any]
-) -> tuple[list[_Doc], CorpusStats, str]:
-    """Read every file once: readable documents with their split, corpus stats, content key."""
-    stats = CorpusStats()
+    files: Sequence[Path], roots: Sequence[Path], params: dict[str, Any], stats: CorpusStats
+) -> tuple[list[_Doc], str]:
+    """Read every file once, counting into ``stats``: readable documents with their split, and
+    the content key."""
     key = hashlib.sha256()
     docs: list[_Doc] = []
     for path, _, nbytes, sha256 in iter_documents(files, stats):
@@ -267,7 +268,7 @@ def _scan(
             f"the train split is empty: all {len(docs)} documents went to val "
             f"(val_fraction={params['val_fraction']}); add files or lower data.val_fraction"
         )
-    return docs, stats, key.hexdigest()
+    return docs, key.hexdigest()
 
 
 def _open(root: Path, key: str) -> TokenData:
