@@ -6,13 +6,7 @@ import dataclasses
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    Field,
-    Strict,
-    create_model,
-    model_validator,
-)
+from pydantic import BaseModel, Field, Strict, create_model, model_validator
 
 from kiln.config.fields import FilePath, NonNegFloat, NonNegInt, PositiveInt, Section
 from kiln.errors import ConfigError

@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ValidationError,
-)
+from pydantic import BaseModel, ValidationError
 
 from kiln.config.fields import FilePath, type_parts
 from kiln.config.schema import JOB_SECTIONS, UNREAD_SECTIONS, Config
@@ -24,6 +21,7 @@ from kiln.errors import ConfigError
 
 PACKAGED_CONFIGS = "kiln.configs"
 DEFAULT_CONFIG_NAME = "default"
+
 
 def packaged_config_names() -> list[str]:
     """Names accepted by ``--config NAME``."""

@@ -6,10 +6,7 @@ import hashlib
 from typing import Literal
 
 import yaml
-from pydantic import (
-    Field,
-    model_validator,
-)
+from pydantic import Field, model_validator
 
 from kiln.config.fields import NonNegInt, Section
 from kiln.config.job_sections import HashtronSection, LatticeSection, NcaSection
