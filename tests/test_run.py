@@ -89,7 +89,6 @@ def test_a_killed_run_lists_its_last_logged_step(tmp_path: Path) -> None:
     assert (listed["step"], listed["loss"]) == (7, None)
 
 
-
 def test_a_running_run_lists_its_last_evaluation(tmp_path: Path) -> None:
     """Before metrics.json exists (a run still training, or killed) the table shows the last
     logged validation perplexity and eval accuracy, not '-'."""

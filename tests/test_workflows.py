@@ -149,7 +149,6 @@ def test_best_without_an_evaluated_checkpoint_exports_the_latest_and_says_so(
     assert metadata["trained_with"] == started
 
 
-
 def test_an_export_from_inside_the_run_names_the_run(
     smoke_config: ConfigFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -357,7 +356,6 @@ def test_cli_runs_eval_generate_export(smoke_config: ConfigFactory, tmp_path: Pa
     assert missing.returncode == 2 and "not a kiln run directory" in missing.stderr
 
 
-
 def test_eval_and_generate_refuse_a_snapshot_edited_to_another_model(
     smoke_config: ConfigFactory,
 ) -> None:
@@ -368,7 +366,6 @@ def test_eval_and_generate_refuse_a_snapshot_edited_to_another_model(
         workflows.generate(run, "def ", max_new_tokens=2)
     with pytest.raises(CheckpointError, match="different model config"):
         workflows.evaluate_run(run)
-
 
 
 def test_a_run_trained_on_a_gpu_evaluates_and_samples_on_a_machine_without_one(

@@ -332,7 +332,6 @@ def _load_weights(model: torch.nn.Module, info: CheckpointInfo, weights: dict[st
     model.load_state_dict(weights)
 
 
-
 def evaluate_run(
     run_dir: Path,
     which: Which = "latest",

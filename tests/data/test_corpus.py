@@ -180,7 +180,6 @@ def test_split_of_is_a_stable_hash_of_the_relative_path() -> None:
     ]
 
 
-
 def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path: Path) -> None:
     """Old archives hold Latin-1 names; os hands them over surrogate-escaped."""
     (tmp_path / os.fsdecode(b"caf\xe9.py")).write_text("x = 1\n", encoding="utf-8")

@@ -96,4 +96,3 @@ class Section(BaseModel):
             if _takes_a_number(annotation) and not _takes_a_bool(annotation):
                 raise ValueError("a number, not true/false")
         return value
-

@@ -159,5 +159,3 @@ class Config(Section):
     def fingerprint(self) -> str:
         """Short hash of the resolved config."""
         return hashlib.sha256(self.to_yaml().encode()).hexdigest()[:12]
-
-

@@ -374,4 +374,3 @@ class SampleSection(Section):
     max_new_tokens: NonNegInt = Field(64, description="Tokens to generate.")
     temperature: NonNegFloat = Field(0.8, description="Sampling temperature; 0 is greedy.")
     top_k: NonNegInt = Field(50, description="Sample among the top k tokens; 0 disables.")
-

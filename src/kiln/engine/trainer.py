@@ -367,4 +367,3 @@ class Trainer:
             f"lr {row['lr']:.3g} grad_norm {result.grad_norm:.3g} {tokens_per_sec:,.0f} tok/s"
         )
         self.run.log(line, echo=echo)
-
