@@ -47,19 +47,20 @@ def test_find_files_sorted_filtered_and_deduplicated(tmp_path: Path) -> None:
     ]
     _write(tmp_path, {n: "x = 1\n" for n in names})
     source = Source(str(tmp_path), exclude=("site-packages/**", "**/test/**"))
-    files = find_files([source, Source(str(tmp_path), include=("a/*.py",))])
+    files = find_files([source, Source(str(tmp_path), include=("a/*.py",))], CorpusStats())
     # Sorted by path parts ("a" < "a-c"), not by string, and listed once despite two sources.
     assert _rel(files, tmp_path) == ["a/b.py", "a-c/x.py", "b/y.py", "m.py"]
-    assert _rel(find_files([source], max_files=2), tmp_path) == ["a/b.py", "a-c/x.py"]
+    first_two = find_files([source], CorpusStats(), max_files=2)
+    assert _rel(first_two, tmp_path) == ["a/b.py", "a-c/x.py"]
 
 
 def test_find_files_missing_root_and_no_match(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(DataError, match="nope"):
-        find_files([Source(str(missing))])
+        find_files([Source(str(missing))], CorpusStats())
     _write(tmp_path, {"only.txt": "text"})
     with pytest.raises(DataError, match=r"matched nothing") as info:
-        find_files([Source(str(tmp_path))])
+        find_files([Source(str(tmp_path))], CorpusStats())
     assert "**/*.py" in str(info.value)
 
 
@@ -68,11 +69,10 @@ def test_a_source_that_matches_nothing_is_an_error_beside_others(tmp_path: Path)
     good = Source(str(tmp_path))
     typo = Source(str(tmp_path / "docs"), include=("*.rst",))
     with pytest.raises(DataError, match=r"data\.sources\[1\]: .*docs .*\*\.rst.*matched nothing"):
-        find_files([good, typo])
+        find_files([good, typo], CorpusStats())
     # A source whose files an earlier source already selected still matched them: no error.
-    assert _rel(find_files([good, Source(str(tmp_path), include=("a.py",))]), tmp_path) == [
-        "a.py"
-    ]
+    overlapping = [good, Source(str(tmp_path), include=("a.py",))]
+    assert _rel(find_files(overlapping, CorpusStats()), tmp_path) == ["a.py"]
 
 
 def test_glob_match() -> None:
@@ -118,7 +118,7 @@ def test_a_broken_symlink_is_found_and_counted_as_unreadable(tmp_path: Path) -> 
     _write(tmp_path, {"a.py": "a = 1\n"})
     (tmp_path / "gone.py").symlink_to(tmp_path / "missing.py")
     (tmp_path / "alias.py").symlink_to(tmp_path / "a.py")
-    files = find_files([Source(str(tmp_path))])
+    files = find_files([Source(str(tmp_path))], CorpusStats())
     assert _rel(files, tmp_path) == ["a.py", "gone.py"]  # the alias resolves to a.py: once
     stats = CorpusStats()
     assert [doc.text for doc in iter_documents(files, stats)] == ["a = 1\n"]
@@ -138,7 +138,7 @@ def test_a_folder_that_cannot_be_listed_is_counted_not_lost(
 
     monkeypatch.setattr(os, "scandir", scandir)
     stats = CorpusStats()
-    assert _rel(find_files([Source(str(tmp_path))], stats=stats), tmp_path) == ["a.py", "open/c.py"]
+    assert _rel(find_files([Source(str(tmp_path))], stats), tmp_path) == ["a.py", "open/c.py"]
     assert stats.skipped_by_reason == {"unlistable_folder": 1}
 
 
@@ -183,7 +183,7 @@ def test_split_of_is_a_stable_hash_of_the_relative_path() -> None:
 def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path: Path) -> None:
     """Old archives hold Latin-1 names; os hands them over surrogate-escaped."""
     (tmp_path / os.fsdecode(b"caf\xe9.py")).write_text("x = 1\n", encoding="utf-8")
-    (path,) = find_files([Source(str(tmp_path))])
+    (path,) = find_files([Source(str(tmp_path))], CorpusStats())
     relative = path.relative_to(tmp_path).as_posix()
     assert relative == "caf\udce9.py"
     digest = hashlib.sha256(b"7\0caf\xe9.py").digest()
@@ -192,7 +192,7 @@ def test_a_file_name_that_is_not_utf8_is_split_by_its_bytes(tmp_path: Path) -> N
 
 
 def test_real_stdlib_files() -> None:
-    files = find_files([Source("stdlib", include=("json/*.py",))])
+    files = find_files([Source("stdlib", include=("json/*.py",))], CorpusStats())
     names = [f.name for f in files]
     assert "__init__.py" in names and "decoder.py" in names
     stats = CorpusStats()

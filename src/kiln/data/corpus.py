@@ -111,7 +111,7 @@ def _walk(root: Path, stats: CorpusStats) -> Iterator[tuple[Path, str]]:
 
 
 def find_files(
-    sources: Sequence[Source], max_files: int | None = None, stats: CorpusStats | None = None
+    sources: Sequence[Source], stats: CorpusStats, max_files: int | None = None
 ) -> list[Path]:
     """The files the sources select: sorted by path parts, deduplicated, at most ``max_files``.
 
@@ -119,7 +119,6 @@ def find_files(
     would be missing from the corpus without a word. Folders that cannot be listed are counted
     in ``stats``.
     """
-    stats = stats if stats is not None else CorpusStats()
     found: dict[Path, Path] = {}  # resolved -> as found, so overlapping sources count once
     empty: list[str] = []
     for number, source in enumerate(sources):

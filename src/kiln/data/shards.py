@@ -191,7 +191,7 @@ def prepare_token_data(
     }
     roots = [resolve_root(source.root) for source in sources]
     stats = CorpusStats()
-    files = find_files(sources, max_files, stats)
+    files = find_files(sources, stats, max_files)
     docs, key = _scan(files, roots, params, stats)
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped_by_reason.items()))
     log(
