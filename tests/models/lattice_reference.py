@@ -21,18 +21,32 @@ from kiln.models.lattice import Lattice
 OFFSETS = ((0, 0, 0), (-1, 0, 0), (1, 0, 0), (0, -1, 0), (0, 1, 0), (0, 0, -1), (0, 0, 1))
 
 
-def _neighbour(state: torch.Tensor, z: int, y: int, x: int, boundary: str) -> torch.Tensor:
-    """State (B, D, H, W, K) at (z, y, x), which may lie outside the grid -> (B, K)."""
-    _, d, h, w, _ = state.shape
+Cells = list[list[list[torch.Tensor]]]
+
+
+def cell_views(state: torch.Tensor) -> Cells:
+    """State (B, D, H, W, K) as nested lists [z][y][x] of per-cell (B, K) views.
+
+    Nested ``unbind`` gives every cell its view at once, and its backward is one stack per level.
+    Indexing ``state[:, z, y, x]`` per cell would allocate a gradient of the whole state for each
+    read in backward: a cost quadratic in the number of cells that no honest loop would pay.
+    """
+    planes = state.permute(1, 2, 3, 0, 4).unbind(0)  # D x (H, W, B, K)
+    return [[row.unbind(0) for row in plane.unbind(0)] for plane in planes]
+
+
+def _neighbour(cells: Cells, z: int, y: int, x: int, boundary: str) -> torch.Tensor:
+    """The (B, K) state of the cell at (z, y, x), which may lie outside the grid."""
+    d, h, w = len(cells), len(cells[0]), len(cells[0][0])
     inside = 0 <= z < d and 0 <= y < h and 0 <= x < w
     if not inside:
         if boundary == "zero":
-            return torch.zeros_like(state[:, 0, 0, 0])
+            return torch.zeros_like(cells[0][0][0])
         if boundary == "replicate":
             z, y, x = min(max(z, 0), d - 1), min(max(y, 0), h - 1), min(max(x, 0), w - 1)
         else:
             z, y, x = z % d, y % h, x % w
-    return state[:, z, y, x]
+    return cells[z][y][x]
 
 
 PARAMS = (
@@ -75,11 +89,11 @@ def cell_delta(
     return torch.cat((out[:, :c], torch.sigmoid(write) * (torch.tanh(cand) - memory)), dim=1)
 
 
-def _alive(lattice: Lattice, state: torch.Tensor, z: int, y: int, x: int) -> torch.Tensor:
+def _alive(lattice: Lattice, cells: Cells, z: int, y: int, x: int) -> torch.Tensor:
     """(B,) bool: max alpha over the cell and its six neighbours exceeds the threshold."""
     s = lattice.shape
     alphas = [
-        _neighbour(state, z + dz, y + dy, x + dx, s.boundary)[:, s.alive_channel]
+        _neighbour(cells, z + dz, y + dy, x + dx, s.boundary)[:, s.alive_channel]
         for dz, dy, dx in OFFSETS
     ]
     return torch.stack(alphas).amax(dim=0) > s.alive_threshold
@@ -100,28 +114,30 @@ def step(
     if s.fire_rate < 1.0:
         draws = [torch.rand((d, h, w), generator=g, device=state.device) for g in generators]
         fire = torch.stack(draws) < s.fire_rate  # (B, D, H, W)
+    cells = cell_views(state)
     new_cells = []
     for z in range(d):
         for y in range(h):
             for x in range(w):
                 tokens = torch.stack(
                     [
-                        _neighbour(state, z + dz, y + dy, x + dx, s.boundary)[:, :c]
+                        _neighbour(cells, z + dz, y + dy, x + dx, s.boundary)[:, :c]
                         for dz, dy, dx in OFFSETS
                     ],
                     dim=1,
                 )  # (B, 7, C)
-                memory = state[:, z, y, x, c:] if s.memory else None
+                memory = cells[z][y][x][:, c:] if s.memory else None
                 delta = cell_delta(lattice, weights[s.group_of(z, y, x)], tokens, memory)
                 if fire is not None:
                     delta = delta * fire[:, z, y, x, None].to(delta.dtype)
-                new = state[:, z, y, x] + delta  # (B, K)
+                new = cells[z][y][x] + delta  # (B, K)
                 new_cells.append(new)
     new_state = torch.stack(new_cells, dim=1).view_as(state)
     if s.alive_threshold is None:
         return new_state
+    new_views = cell_views(new_state)
     masks = [
-        (_alive(lattice, state, z, y, x) & _alive(lattice, new_state, z, y, x))
+        (_alive(lattice, cells, z, y, x) & _alive(lattice, new_views, z, y, x))
         for z in range(d)
         for y in range(h)
         for x in range(w)
