@@ -3,8 +3,9 @@
 What is compared
     ``kiln.models.lattice.Lattice`` (all cells advance in a few batched matmuls) and the per-cell
     reference in ``tests/models/lattice_reference.py`` (a Python loop over cells, one small gMLP
-    call per cell, as the original project did), on the same weights and inputs; both compute the
-    same numbers (the tests check it to float tolerance).
+    call per cell, as the original project did, but reading cells through views so that its
+    backward stays linear in the number of cells), on the same weights and inputs; both compute
+    the same numbers (the tests check it to float tolerance).
 
 What is timed
     One training step's worth of work per propagation step: forward through ``steps`` propagation
