@@ -46,13 +46,13 @@ from kiln.hashtron.multitask import DEFAULT_TASKS, TaskReport, train_tasks
 from kiln.hashtron.tasks import Task
 from kiln.jobs.hashtron import NETWORK_FILE, HashtronLoop, load_task_for, network_file
 from kiln.jobs.lm import LMJob, build_model, load_run_tokenizer
+from kiln.jobs.lm_eval import require_code_execution_opt_in
 from kiln.jobs.lm_sampling import infill_text, sample_text
 from kiln.jobs.nca import RENDER_DIR, grid_target, render_model
 from kiln.jobs.nca import build_model as build_nca_model
 from kiln.jobs.registry import build_gradient_job
 from kiln.repro import pin_threads, seed_everything, set_determinism, software_versions
 from kiln.run import SNAPSHOT, Run, read_metrics, read_summary, started_software, write_eval
-from kiln.sharded_checkpoint import with_full_model
 from kiln.streaming.executor import StreamedTraining
 from kiln.streaming.export import committed_checkpoint
 from kiln.streaming.placement import Streamed
@@ -270,6 +270,12 @@ def load_chosen_checkpoint(run_dir: Path, which: Which) -> tuple[CheckpointInfo,
         if streamed is not None:
             return streamed
     info, state = _load_chosen(run_dir, which)
+    if "model" in state:
+        return info, state
+    # Only FSDP checkpoints shard the weights. Their reader is imported here, since it pulls in
+    # torch.distributed.checkpoint, which adds a second to every command's start.
+    from kiln.sharded_checkpoint import with_full_model
+
     return info, with_full_model(info.path, state)
 
 
@@ -348,9 +354,11 @@ def evaluate_run(
     try:
         config = run.config.model_copy(deep=True)
         config.eval.allow_code_execution |= allow_code_execution
+        suites = suites or config.eval.suites
+        require_code_execution_opt_in(config, suites)
         job = LMJob(config, run.path, device, lambda _msg: None)
         job.close()
-        results = job.evaluator.run(model, suites or config.eval.suites, budgeted=False)
+        results = job.evaluator.run(model, suites, budgeted=False)
     finally:
         run.close()
     write_eval(run.path, info.step, {"checkpoint": info.path.name, **results})

@@ -29,6 +29,19 @@ from kiln.jobs.lm_sampling import complete_texts
 from kiln.models.gpt import GPT
 
 GENERATION_SUITES = ("compile", "passk")
+
+
+def require_code_execution_opt_in(config: Config, suites: Sequence[str]) -> None:
+    """Refuse the passk suite unless the config opts in to running model-written code.
+
+    Called before any data or sampling, so that the refusal comes at once.
+    """
+    if "passk" in suites and not config.eval.allow_code_execution:
+        raise KilnError(
+            "the passk suite runs model-generated code; opt in with "
+            "`kiln eval RUN_DIR --suite passk --allow-code-execution`, or with "
+            "eval.allow_code_execution: true in the config"
+        )
 # Samples kept in eval/<step>.json so a reader can see what was judged.
 _EXAMPLES_KEPT = 3
 
@@ -115,12 +128,6 @@ class LMEvaluator:
 
     def _passk(self, model: GPT) -> dict[str, Any]:
         p = self.config.eval.passk
-        if not self.config.eval.allow_code_execution:
-            raise KilnError(
-                "the passk suite runs model-generated code; opt in with "
-                "`kiln eval RUN_DIR --suite passk --allow-code-execution`, or with "
-                "eval.allow_code_execution: true in the config"
-            )
         if self._problems is None:
             problems = load_problems(None if p.problems == "packaged" else p.problems)
             self._problems = problems[: p.max_problems]
