@@ -30,6 +30,9 @@ from kiln.models.gpt import GPT
 
 GENERATION_SUITES = ("compile", "passk")
 
+# Samples kept in eval/<step>.json so a reader can see what was judged.
+_EXAMPLES_KEPT = 3
+
 
 def require_code_execution_opt_in(config: Config, suites: Sequence[str]) -> None:
     """Refuse the passk suite unless the config opts in to running model-written code.
@@ -42,8 +45,6 @@ def require_code_execution_opt_in(config: Config, suites: Sequence[str]) -> None
             "`kiln eval RUN_DIR --suite passk --allow-code-execution`, or with "
             "eval.allow_code_execution: true in the config"
         )
-# Samples kept in eval/<step>.json so a reader can see what was judged.
-_EXAMPLES_KEPT = 3
 
 
 class LMEvaluator:
